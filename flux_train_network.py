@@ -1,0 +1,173 @@
+"""Train a LoRA for FLUX.1 dev / schnell or Chroma (the sd-scripts command line).
+
+    accelerate launch flux_train_network.py --pretrained_model_name_or_path flux1-dev.safetensors \
+        --clip_l clip_l.safetensors --t5xxl t5xxl_fp16.safetensors --ae ae.safetensors \
+        --dataset_config my.toml --network_module networks.lora_flux --network_dim 16 ...
+
+The loop is library/training/trainer.py; this file supplies only what FLUX does differently:
+its files, its text encoding, packing latents into tokens, guidance, and its sampler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from library.errors import ConfigError
+from library.flux import sampling as flux_sampling
+from library.flux.loading import load_flux_dit
+from library.flux.text import FluxTextEncoding, load_flux_text_encoders
+from library.autoencoders import load_flux_ae
+from library.training.flow_trainer import FlowMatchingTrainer
+from library.training.flow_matching import add_flow_matching_arguments
+from library.training.trainer import FamilyModels, NoisyInput
+
+ARCHITECTURES = {"dev": "flux-1-dev", "schnell": "flux-1-schnell", "chroma": "chroma"}
+IMPLEMENTATIONS = {"flux": "https://github.com/black-forest-labs/flux",
+                   "chroma": "https://huggingface.co/lodestones/Chroma"}
+
+
+class AELatentEncoder:
+    """Images -> scaled FLUX latents, for the latent cache and for uncached batches."""
+
+    def __init__(self, ae, path: str, device: torch.device, dtype: torch.dtype):
+        self.ae, self.device, self.dtype = ae, device, dtype
+        self.identity = f"flux-ae:{path}:sample"
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.ae.to(self.device)
+        z = self.ae.encode(images.to(self.device, self.dtype), sample=True)
+        return z.float().cpu()
+
+
+class FluxNetworkTrainer(FlowMatchingTrainer):
+    reso_step_multiple = 64
+    default_resolution = 1024
+
+    def add_family_arguments(self, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("FLUX.1 / Chroma")
+        g.add_argument("--model_type", type=str, default="flux", choices=["flux", "chroma"])
+        g.add_argument("--clip_l", type=str, default=None, help="CLIP-L file (not used by Chroma)")
+        g.add_argument("--t5xxl", type=str, default=None, help="T5-XXL file")
+        g.add_argument("--ae", type=str, default=None, help="FLUX autoencoder file (ae.safetensors)")
+        g.add_argument("--t5xxl_max_token_length", type=int, default=None,
+                       help="T5 tokens per caption (default 512 for dev and Chroma, 256 for schnell)")
+        g.add_argument("--apply_t5_attn_mask", action="store_true",
+                       help="mask T5 padding in T5 and in the DiT attention (always on for Chroma)")
+        g.add_argument("--guidance_scale", type=float, default=3.5,
+                       help="embedded guidance fed to FLUX.1 dev while training (1.0 recommended; "
+                            "ignored by schnell; 0.0 for Chroma)")
+        g.add_argument("--blocks_to_swap", type=int, default=None, help="(not supported yet)")
+        g.add_argument("--fp8_base", action="store_true", help="(not supported yet)")
+        g.add_argument("--fp8_base_unet", action="store_true", help="(not supported yet)")
+        g.add_argument("--cpu_offload_checkpointing", action="store_true", help="(not supported yet)")
+        g.add_argument("--split_mode", action="store_true", help="deprecated: use --blocks_to_swap")
+        add_flow_matching_arguments(
+            parser, default_timestep_sampling="sigma", default_discrete_flow_shift=3.0,
+            default_model_prediction_type="sigma_scaled",
+            timestep_sampling_choices=["sigma", "uniform", "sigmoid", "shift", "flux_shift"])
+
+    def validate_family_args(self, args) -> None:
+        problems = []
+        if not args.pretrained_model_name_or_path:
+            problems.append("--pretrained_model_name_or_path is required (the FLUX.1 or Chroma file)")
+        if not args.t5xxl:
+            problems.append("--t5xxl is required")
+        if not args.ae:
+            problems.append("--ae is required (ae.safetensors)")
+        if args.model_type == "flux" and not args.clip_l:
+            problems.append("--clip_l is required for FLUX.1 (only Chroma runs without it)")
+        if args.model_type == "chroma" and args.clip_l:
+            problems.append("--clip_l is not used by Chroma: remove it")
+        if args.split_mode:
+            problems.append("--split_mode is deprecated and block swap is not supported yet: remove it")
+        text_cached = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
+        if not args.network_train_unet_only:
+            problems.append("text-encoder LoRA is not supported yet: add --network_train_unet_only")
+        if text_cached and not args.network_train_unet_only:
+            problems.append("--cache_text_encoder_outputs cannot be used while training a text-encoder LoRA")
+        if args.v2 if hasattr(args, "v2") else False:
+            problems.append("--v2 is for SD 2.x, not FLUX")
+        if problems:
+            raise ConfigError("invalid FLUX options:\n  " + "\n  ".join(problems))
+        if args.model_type == "chroma":
+            args.apply_t5_attn_mask = True
+
+    # ---- models -------------------------------------------------------------------------------
+    def load_models(self, args, device, weight_dtype) -> FamilyModels:
+        dit, info = load_flux_dit(args.pretrained_model_name_or_path, model_type=args.model_type,
+                                  device="cpu", dtype=weight_dtype)
+        if args.t5xxl_max_token_length is None:
+            args.t5xxl_max_token_length = 256 if info.variant == "schnell" else 512
+        ae = load_flux_ae(args.ae, device="cpu", dtype=weight_dtype)
+        text = load_flux_text_encoders(clip_l_path=args.clip_l, t5xxl_path=args.t5xxl, dtype=weight_dtype,
+                                       tokenizer_cache_dir=args.tokenizer_cache_dir)
+        return FamilyModels(denoiser=dit, text_encoders=[text.clip_l, text.t5], vae=ae, info=info,
+                            extra={"text": text})
+
+    def latent_encoder(self, args, models, device):
+        if not hasattr(self, "_latent_encoder"):
+            self._latent_encoder = AELatentEncoder(models.vae, args.ae, device, next(models.vae.parameters()).dtype)
+        return self._latent_encoder
+
+    def text_encoding(self, args, models, device):
+        if not hasattr(self, "_text_encoding"):
+            text = models.extra["text"]
+            self._text_encoding = FluxTextEncoding(
+                clip_tokenizer=text.clip_tokenizer, t5_tokenizer=text.t5_tokenizer, clip_l=text.clip_l, t5=text.t5,
+                t5_max_length=args.t5xxl_max_token_length, apply_t5_attn_mask=args.apply_t5_attn_mask,
+                device=device, identity_files=(args.clip_l, args.t5xxl))
+        return self._text_encoding
+
+    # ---- the forward --------------------------------------------------------------------------
+    def denoise(self, args, models, noisy: NoisyInput, text: dict) -> torch.Tensor:
+        b, _, h, w = noisy.noisy.shape
+        img = flux_sampling.pack_latents(noisy.noisy)
+        img_ids = flux_sampling.prepare_img_ids(b, h // 2, w // 2, device=img.device)
+        guidance = None
+        if models.info.variant == "dev":
+            guidance = torch.full((b,), args.guidance_scale, device=img.device)
+        mask = text["t5_attn_mask"] if args.apply_t5_attn_mask else None
+        dtype = next(models.denoiser.parameters()).dtype
+        pred = models.denoiser(img.to(dtype), img_ids, text["t5_out"].to(dtype), text["txt_ids"],
+                               noisy.sigmas.to(dtype), text["l_pooled"].to(dtype), guidance=guidance,
+                               txt_attention_mask=mask)
+        return flux_sampling.unpack_latents(pred, h, w)
+
+    # ---- sampling -----------------------------------------------------------------------------
+    def generate_sample(self, args, models, prompt, conds, device, dtype):
+        return flux_sampling.generate_image(
+            models.denoiser, models.vae, conds[prompt.prompt], conds.get(prompt.negative_prompt or ""),
+            width=prompt.width or 512, height=prompt.height or 512, steps=prompt.sample_steps or 20,
+            guidance=prompt.guidance_scale if prompt.guidance_scale is not None else 3.5,
+            cfg_scale=prompt.scale if prompt.scale is not None else 1.0,
+            seed=prompt.seed, device=device, use_guidance_embed=models.info.variant == "dev",
+            apply_t5_attn_mask=args.apply_t5_attn_mask)
+
+    # ---- metadata -----------------------------------------------------------------------------
+    def metadata_extras(self, args, models):
+        variant = models.info.variant
+        base = "chroma" if variant == "chroma" else "flux1"
+        family = {
+            "ss_model_type": args.model_type, "ss_apply_t5_attn_mask": args.apply_t5_attn_mask,
+            "ss_weighting_scheme": args.weighting_scheme, "ss_logit_mean": args.logit_mean,
+            "ss_logit_std": args.logit_std, "ss_mode_scale": args.mode_scale,
+            "ss_guidance_scale": args.guidance_scale, "ss_timestep_sampling": args.timestep_sampling,
+            "ss_sigmoid_scale": args.sigmoid_scale, "ss_model_prediction_type": args.model_prediction_type,
+            "ss_discrete_flow_shift": args.discrete_flow_shift,
+        }
+        modelspec = {"architecture": f"{ARCHITECTURES[variant]}/lora",
+                     "implementation": IMPLEMENTATIONS[args.model_type], "prediction_type": None,
+                     "default_resolution": 1024}
+        return base, family, modelspec
+
+
+def main(argv: list[str] | None = None) -> int:
+    return FluxNetworkTrainer().run(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Safetensors reading (memory-mapped) and atomic writing.
+
+Every tensor file the project writes goes through `save_file_atomic`, so a crash or a full
+disk never leaves a half-written file in place of a good one.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as _serialize
+
+from library.errors import ModelFileError, UserError
+
+
+class SaveError(UserError):
+    """Writing an output file failed (disk full, permissions); the previous file is intact."""
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a safetensors file (tensor names, dtypes, shapes, `__metadata__`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: file not found. Check the path you passed.")
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= 0 or n > 100 * 1024 * 1024:
+                raise ValueError("header size out of range")
+            return json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise ModelFileError(
+            f"{path}: not a readable .safetensors file ({e}). The download may be incomplete; "
+            "re-download it or convert it to safetensors."
+        ) from e
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    return read_header(path).get("__metadata__", {}) or {}
+
+
+def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, dtype string)} without reading any tensor data."""
+    header = read_header(path)
+    return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def load_file(path: str | os.PathLike, device: str | torch.device = "cpu",
+              keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Load tensors (memory-mapped on CPU: pages are read on first touch)."""
+    read_header(path)  # a clear error for missing or corrupt files
+    out = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        for k in keys if keys is not None else f.keys():
+            out[k] = f.get_tensor(k)
+    return out
+
+
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """Serialize to bytes, write to a temporary file beside `path`, fsync, then rename."""
+    data = serialize(tensors, metadata)
+    write_bytes_atomic(data, path)
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return _serialize(tensors, metadata=metadata)
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise SaveError(f"cannot write to {path.parent}: {e.strerror}. Choose a writable --output_dir.") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        hint = "the disk is full; free some space" if e.errno == errno.ENOSPC else e.strerror
+        raise SaveError(f"saving {path} failed ({hint}). Any previous version of the file is intact.") from e

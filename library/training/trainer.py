@@ -1,0 +1,580 @@
+"""NetworkTrainer: the one training loop every family shares.
+
+A family subclasses it and implements the REQUIRED hooks (each raises NotImplementedError
+naming itself until it does). `train()` reads like a table of contents; each phase is a small
+method that takes the run's state object.
+
+Required hooks (family):
+    add_family_arguments(parser)        its own options (model files, text settings, ...)
+    load_models(args, device)           -> FamilyModels (denoiser + encoders, frozen)
+    latent_encoder(args, models)        -> LatentCacheEncoder (images -> scaled latents)
+    text_encoding(args, models)         -> TextCacheEncoder (captions -> per-caption dicts)
+    noisy_input(args, latents, noise)   -> NoisyInput (noising, timesteps, target)
+    denoise(args, models, noisy, text)  -> model prediction in latent layout
+    loss_terms(args, pred, noisy)       -> (prediction for the loss, weighting or None)
+    generate_sample(args, models, prompt, text_conds, device) -> PIL image
+    metadata_extras(args, models)       -> (base_model_version, family ss_* dict, modelspec dict)
+Optional hooks: validate_family_args, reso_step_multiple, default_resolution,
+    prepare_models_for_training, on_models_loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import random
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from library.data import add_dataset_arguments, build_datasets
+from library.errors import ConfigError, UserError
+from library.training import args as common_args
+from library.training import checkpoints as ckpt
+from library.training.config_file import parse_args_with_config, write_config_file
+from library.training.losses import add_loss_arguments, LossConfig, compute_per_sample_loss
+from library.training.lr_schedulers import add_lr_scheduler_arguments, build_lr_scheduler
+from library.training.metadata import add_metadata_arguments, build_metadata
+from library.training.optimizers import add_optimizer_arguments, build_optimizer
+from library.training.sample_gallery import SampleRow, write_gallery
+from library.training.sample_prompts import SamplePrompt, load_sample_prompts
+from library.training.step_metrics import LaggedScalar, is_bad_loss
+
+
+@dataclass
+class FamilyModels:
+    """The frozen models a family loads. `denoiser` is what the LoRA is injected into."""
+    denoiser: torch.nn.Module
+    text_encoders: list[torch.nn.Module | None]
+    vae: torch.nn.Module | None
+    info: object = None                     # e.g. the checkpoint inspection result
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class NoisyInput:
+    noisy: torch.Tensor       # model input, latent layout
+    timesteps: torch.Tensor   # (B,) in the family's convention, for logging and schedules
+    sigmas: torch.Tensor      # (B,) noise level in [0,1]
+    target: torch.Tensor      # what the prediction is compared with
+
+
+@dataclass
+class RunState:
+    """Everything the phases of a run share, instead of 20-argument calls."""
+    args: argparse.Namespace
+    accelerator: object
+    device: torch.device
+    weight_dtype: torch.dtype
+    models: FamilyModels
+    train_group: object
+    loader: object
+    network: torch.nn.Module
+    optimizer: object
+    lr_scheduler: object
+    num_epochs: int
+    max_steps: int
+    steps_per_epoch: int
+    metadata: dict
+    session_id: str
+    global_step: int = 0
+    epoch: int = 0
+    sample_prompts: list[SamplePrompt] = field(default_factory=list)
+    sample_conds: dict = field(default_factory=dict)
+    sample_rows: list[SampleRow] = field(default_factory=list)
+    metrics_file: Path | None = None
+
+
+class NetworkTrainer:
+    """Base class of the family trainers. See the module docstring for the hook contract."""
+
+    # ---- required hooks ---------------------------------------------------------------------
+    def add_family_arguments(self, parser: argparse.ArgumentParser) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement add_family_arguments")
+
+    def load_models(self, args, device: torch.device, weight_dtype: torch.dtype) -> FamilyModels:
+        raise NotImplementedError(f"{type(self).__name__} must implement load_models")
+
+    def latent_encoder(self, args, models: FamilyModels, device: torch.device):
+        raise NotImplementedError(f"{type(self).__name__} must implement latent_encoder")
+
+    def text_encoding(self, args, models: FamilyModels, device: torch.device):
+        raise NotImplementedError(f"{type(self).__name__} must implement text_encoding")
+
+    def noisy_input(self, args, latents: torch.Tensor, noise: torch.Tensor) -> NoisyInput:
+        raise NotImplementedError(f"{type(self).__name__} must implement noisy_input")
+
+    def denoise(self, args, models: FamilyModels, noisy: NoisyInput, text: dict) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement denoise")
+
+    def loss_terms(self, args, model_pred: torch.Tensor, noisy: NoisyInput):
+        raise NotImplementedError(f"{type(self).__name__} must implement loss_terms")
+
+    def generate_sample(self, args, models: FamilyModels, prompt: SamplePrompt, conds: dict,
+                        device: torch.device, dtype: torch.dtype):
+        raise NotImplementedError(f"{type(self).__name__} must implement generate_sample")
+
+    def metadata_extras(self, args, models: FamilyModels) -> tuple[str, dict, dict]:
+        raise NotImplementedError(f"{type(self).__name__} must implement metadata_extras")
+
+    # ---- optional hooks ---------------------------------------------------------------------
+    reso_step_multiple: int = 64
+    default_resolution: int = 512
+
+    def validate_family_args(self, args) -> None:
+        """Refuse impossible option combinations before anything is loaded."""
+
+    def encode_prompts_for_sampling(self, args, models: FamilyModels, prompts: list[SamplePrompt],
+                                    device: torch.device) -> dict:
+        """Encode sample prompts once at start (text encoders may be dropped afterwards)."""
+        encoder = self.text_encoding(args, models, device)
+        texts = sorted({p.prompt for p in prompts} | {p.negative_prompt or "" for p in prompts})
+        with torch.no_grad():
+            return dict(zip(texts, encoder.encode(texts)))
+
+    # ---- argument parsing ---------------------------------------------------------------------
+    def build_parser(self) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        common_args.add_config_arguments(parser)
+        common_args.add_model_io_arguments(parser)
+        common_args.add_training_arguments(parser)
+        common_args.add_network_arguments(parser)
+        common_args.add_sampling_arguments(parser)
+        common_args.add_logging_arguments(parser)
+        add_dataset_arguments(parser)
+        add_optimizer_arguments(parser)
+        add_lr_scheduler_arguments(parser)
+        add_loss_arguments(parser)
+        add_metadata_arguments(parser)
+        self.add_family_arguments(parser)
+        return parser
+
+    def parse_args(self, argv: list[str] | None = None) -> argparse.Namespace:
+        parser = self.build_parser()
+        args = parse_args_with_config(parser, argv)
+        if args.output_config:
+            if not args.config_file:
+                raise ConfigError("--output_config writes to the --config_file path: give --config_file too")
+            path = write_config_file(args, parser, args.config_file)
+            print(f"wrote {path}")
+            raise SystemExit(0)
+        return args
+
+    def check_args(self, args) -> None:
+        common_args.check_common_args(args)
+        common_args.refuse_unsupported(args)
+        self.validate_family_args(args)
+
+    # ---- the run ------------------------------------------------------------------------------
+    def train(self, args: argparse.Namespace) -> Path | None:
+        """Prepare, cache, build the network, loop, save. Returns the final LoRA path."""
+        self.check_args(args)
+        if args.seed is None:
+            args.seed = random.randint(0, 2**31 - 1)
+        accelerator = self.make_accelerator(args)
+        device = accelerator.device
+        weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+
+        train_group, val_group = build_datasets(args, reso_step_multiple=self.reso_step_multiple,
+                                                default_resolution=self.default_resolution)
+        if val_group is not None:
+            raise ConfigError("validation_split is set in the dataset config, but validation loss is not "
+                              "supported yet; remove validation_split.")
+        print(train_group.report())
+        if args.dataset_report:
+            return None
+
+        set_seed(args.seed)
+        models = self.load_models(args, device, weight_dtype)
+        self.cache(args, models, train_group, device)
+        state = self.prepare_run(args, accelerator, device, weight_dtype, models, train_group)
+        self.loop(state)
+        return self.finish(state)
+
+    def make_accelerator(self, args):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        log_with = args.log_with
+        if args.logging_dir and log_with is None:
+            log_with = "tensorboard"
+        project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir)
+        return Accelerator(mixed_precision=args.mixed_precision, log_with=log_with, project_config=project)
+
+    def cache(self, args, models: FamilyModels, group, device) -> None:
+        """Encode latents and captions once (to memory or disk) when asked."""
+        if args.cache_latents or args.cache_latents_to_disk:
+            group.cache_latents(self.latent_encoder(args, models, device), to_disk=bool(args.cache_latents_to_disk),
+                                batch_size=args.vae_batch_size, skip_check=args.skip_cache_check)
+        if args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk:
+            group.cache_text_outputs(self.text_encoding(args, models, device),
+                                     to_disk=bool(args.cache_text_encoder_outputs_to_disk),
+                                     batch_size=args.text_encoder_batch_size or args.train_batch_size or 1,
+                                     skip_check=args.skip_cache_check)
+
+    def create_network(self, args, models: FamilyModels) -> torch.nn.Module:
+        try:
+            module = importlib.import_module(args.network_module)
+        except ImportError as e:
+            raise ConfigError(f"--network_module {args.network_module}: cannot import it ({e}).") from e
+        net_kwargs = parse_network_args(args.network_args)
+        if args.dim_from_weights:
+            network, _ = module.create_network_from_weights(1.0, args.network_weights, models.vae,
+                                                            models.text_encoders, models.denoiser, **net_kwargs)
+        else:
+            network = module.create_network(1.0, args.network_dim, args.network_alpha, models.vae,
+                                            models.text_encoders, models.denoiser,
+                                            neuron_dropout=args.network_dropout, **net_kwargs)
+        train_te = not args.network_train_unet_only
+        network.apply_to(models.text_encoders, models.denoiser, apply_text_encoder=train_te, apply_unet=True)
+        if args.network_weights and not args.dim_from_weights:
+            network.load_weights(args.network_weights)
+        return network
+
+    def prepare_run(self, args, accelerator, device, weight_dtype, models: FamilyModels, group) -> RunState:
+        network = self.create_network(args, models)
+        network.to(device)
+        if args.full_bf16:
+            network.to(torch.bfloat16)
+        for m in [models.denoiser, *models.text_encoders, models.vae]:
+            if m is not None:
+                m.requires_grad_(False)
+        if args.gradient_checkpointing:
+            models.denoiser.enable_gradient_checkpointing()
+        models.denoiser.to(device)
+
+        te_lr = args.text_encoder_lr
+        params, _descriptions = network.prepare_optimizer_params(
+            text_encoder_lr=te_lr, unet_lr=args.unet_lr, default_lr=args.learning_rate)
+        opt = build_optimizer(args.optimizer_type, args.optimizer_args or [], params, args.learning_rate,
+                              use_8bit_adam=args.use_8bit_adam, use_lion_optimizer=args.use_lion_optimizer)
+
+        loader = group.loader(seed=args.seed, num_workers=args.max_data_loader_n_workers,
+                              persistent_workers=args.persistent_data_loader_workers,
+                              pin_memory=device.type == "cuda")
+        steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+        if args.max_train_epochs:
+            max_steps = steps_per_epoch * args.max_train_epochs
+        else:
+            max_steps = args.max_train_steps
+        num_epochs = math.ceil(max_steps / steps_per_epoch)
+        lr_scheduler = build_lr_scheduler(args, opt.optimizer, num_training_steps=max_steps,
+                                          num_processes=accelerator.num_processes)
+        optimizer, lr_scheduler = accelerator.prepare(opt.optimizer, lr_scheduler)
+        accelerator.register_for_checkpointing(network)
+
+        session_id = uuid.uuid4().hex
+        base_version, family_meta, modelspec_extra = self.metadata_extras(args, models)
+        metadata = build_metadata(
+            args, session_id=session_id, training_started_at=time.time(), train_group=group,
+            num_epochs=num_epochs, optimizer_description=opt.description, base_model_version=base_version,
+            family_metadata=family_meta, modelspec_extra=modelspec_extra)
+
+        state = RunState(args=args, accelerator=accelerator, device=device, weight_dtype=weight_dtype,
+                         models=models, train_group=group, loader=loader, network=network, optimizer=optimizer,
+                         lr_scheduler=lr_scheduler, num_epochs=num_epochs, max_steps=max_steps,
+                         steps_per_epoch=steps_per_epoch, metadata=metadata, session_id=session_id,
+                         metrics_file=Path(args.output_dir) / f"{args.output_name or 'training'}_log.jsonl")
+        state.optimizer_info = opt
+        if args.sample_prompts:
+            state.sample_prompts = load_sample_prompts(args.sample_prompts)
+            state.sample_conds = self.encode_prompts_for_sampling(args, models, state.sample_prompts, device)
+        self.after_caching(args, models, device)
+        if accelerator.is_main_process:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            tracker_config = {k: v for k, v in vars(args).items() if k != "wandb_api_key"} if args.log_config else {}
+            if accelerator.log_with:
+                accelerator.init_trackers(args.log_tracker_name or "network_train",
+                                          config={k: str(v) for k, v in tracker_config.items()})
+        return state
+
+    def after_caching(self, args, models: FamilyModels, device) -> None:
+        """Free what the cache made unnecessary (encoders whose outputs are all cached)."""
+        if args.cache_latents or args.cache_latents_to_disk:
+            if models.vae is not None and not args.sample_prompts:
+                models.vae.to("cpu")
+        if args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk:
+            for te in models.text_encoders:
+                if te is not None:
+                    te.to("cpu")
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def loop(self, state: RunState) -> None:
+        args, acc = state.args, state.accelerator
+        start_epoch, skip_batches = 0, 0
+        if args.resume:
+            start_epoch, skip_batches = self.resume(state)
+        elif args.initial_epoch or args.initial_step:
+            start_epoch, skip_batches = self.initial_position(state)
+
+        progress = tqdm(total=state.max_steps, initial=state.global_step, desc="steps", smoothing=0,
+                        disable=not acc.is_main_process, dynamic_ncols=True)
+        losses = LaggedScalar(state.device)
+        recent: list[float] = []
+        if args.sample_at_first and state.global_step == 0:
+            self.sample(state, label_step=0)
+
+        state.network.train()
+        accum = args.gradient_accumulation_steps
+        for epoch in range(start_epoch, state.num_epochs):
+            state.epoch = epoch
+            pending = 0
+            batches_done = skip_batches
+            for batch in state.loader.epoch(epoch, skip_batches=skip_batches):
+                loss = self.training_step(state, batch) / accum
+                acc.backward(loss)
+                pending += 1
+                batches_done += 1
+                if pending == accum or batches_done == len(state.loader):
+                    self.optimizer_step(state)
+                    pending = 0
+                    state.global_step += 1
+                    losses.push(state.global_step, loss * accum)
+                    self.report_losses(state, losses.pop_ready(), recent, progress)
+                    progress.update(1)
+                    self.after_step(state, batches_done)
+                    if state.global_step >= state.max_steps:
+                        break
+            skip_batches = 0
+            self.report_losses(state, losses.pop_ready(keep_last=False), recent, progress)
+            if state.global_step >= state.max_steps and batches_done < len(state.loader):
+                break
+            self.after_epoch(state, epoch + 1)
+        self.report_losses(state, losses.pop_ready(keep_last=False), recent, progress)
+        progress.close()
+
+    def training_step(self, state: RunState, batch: dict) -> torch.Tensor:
+        args, device = state.args, state.device
+        latents = self.batch_latents(state, batch)
+        text = self.batch_text(state, batch)
+        state.network.set_multiplier(float(batch["network_multipliers"][0]))
+        noise = torch.randn_like(latents)
+        noisy = self.noisy_input(args, latents, noise)
+        with state.accelerator.autocast():
+            model_pred = self.denoise(args, state.models, noisy, text)
+        pred, weighting = self.loss_terms(args, model_pred.float(), noisy)
+        per_sample = compute_per_sample_loss(
+            self.loss_config, pred, noisy.target.float(), timesteps=noisy.timesteps, sigmas=noisy.sigmas,
+            weighting=weighting, mask=None, loss_weights=batch["loss_weights"].to(device))
+        return per_sample.mean()
+
+    def batch_latents(self, state: RunState, batch: dict) -> torch.Tensor:
+        if "latents" in batch:
+            return batch["latents"].to(state.device, non_blocking=True)
+        encoder = self.latent_encoder(state.args, state.models, state.device)
+        with torch.no_grad():
+            return encoder.encode(batch["images"]).to(state.device)
+
+    def batch_text(self, state: RunState, batch: dict) -> dict:
+        if "text" in batch:
+            return {k: v.to(state.device, non_blocking=True) for k, v in batch["text"].items()}
+        encoder = self.text_encoding(state.args, state.models, state.device)
+        with torch.no_grad():
+            return stack_text_outputs(encoder.encode(batch["captions"]), state.device)
+
+    def optimizer_step(self, state: RunState) -> None:
+        args, acc = state.args, state.accelerator
+        params = state.network.get_trainable_params()
+        if acc.num_processes > 1:
+            # the network is not wrapped in DDP (its forward is never called), so average by hand
+            for p in params:
+                if p.grad is not None:
+                    p.grad = acc.reduce(p.grad, reduction="mean")
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            acc.clip_grad_norm_(params, args.max_grad_norm)
+        state.optimizer.step()
+        state.lr_scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        if args.scale_weight_norms:
+            state.network.apply_max_norm_regularization(args.scale_weight_norms, state.device)
+
+    def report_losses(self, state: RunState, ready: list[tuple[int, float]], recent: list[float], progress) -> None:
+        if not ready:
+            return
+        lr = state.lr_scheduler.get_last_lr()[0]
+        with open(state.metrics_file, "a") as f:
+            for step, value in ready:
+                if is_bad_loss(value):
+                    raise TrainingDiverged(
+                        f"the loss became {value} at step {step}. Nothing was saved from this point; the last "
+                        "saved LoRA is intact. Try a lower --learning_rate, --max_grad_norm 1.0, or "
+                        "--mixed_precision bf16 instead of fp16.")
+                recent.append(value)
+                f.write(json.dumps({"step": step, "epoch": state.epoch + 1, "loss": value, "lr": lr}) + "\n")
+                if state.accelerator.log_with:
+                    state.accelerator.log({"loss/current": value, "lr/unet": lr}, step=step)
+        del recent[:-100]
+        progress.set_postfix(loss=f"{ready[-1][1]:.4f}", avr_loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr:.2e}")
+
+    def after_step(self, state: RunState, batches_done: int) -> None:
+        args, step = state.args, state.global_step
+        if args.sample_every_n_steps and step % args.sample_every_n_steps == 0 and not args.sample_every_n_epochs:
+            self.sample(state, label_step=step)
+        if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < state.max_steps:
+            stem = ckpt.step_stem(args.output_name, step)
+            self.save_lora(state, stem)
+            if args.save_state:
+                self.save_state(state, stem, batches_done)
+            ckpt.rotate_step_outputs(args.output_dir, args.output_name, args.save_model_as, step,
+                                     args.save_last_n_steps, args.save_last_n_steps_state)
+
+    def after_epoch(self, state: RunState, epoch: int) -> None:
+        args = state.args
+        if args.sample_every_n_epochs and epoch % args.sample_every_n_epochs == 0:
+            self.sample(state, label_epoch=epoch)
+        if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < state.num_epochs:
+            stem = ckpt.epoch_stem(args.output_name, epoch)
+            self.save_lora(state, stem)
+            if args.save_state:
+                self.save_state(state, stem, len(state.loader))
+            ckpt.rotate_epoch_outputs(args.output_dir, args.output_name, args.save_model_as, epoch,
+                                      args.save_every_n_epochs, args.save_last_n_epochs,
+                                      args.save_last_n_epochs_state)
+
+    def finish(self, state: RunState) -> Path:
+        args = state.args
+        stem = ckpt.final_stem(args.output_name)
+        path = self.save_lora(state, stem)
+        if args.save_state_on_train_end:
+            self.save_state(state, stem, len(state.loader))
+        if state.accelerator.log_with:
+            state.accelerator.end_training()
+        print(f"saved the LoRA: {path}")
+        return path
+
+    # ---- saving / resuming --------------------------------------------------------------------
+    def save_lora(self, state: RunState, stem: str) -> Path:
+        args = state.args
+        path = ckpt.lora_path(args.output_dir, stem, args.save_model_as)
+        if not state.accelerator.is_main_process:
+            return path
+        dtype = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_precision]
+        from library.training.metadata import with_save_time
+        meta = with_save_time(state.metadata, steps=state.global_step, epoch=state.epoch + 1)
+        if args.save_model_as == "safetensors":
+            state.network.save_weights(str(path), dtype, meta)
+        else:
+            state.network.save_weights(str(path), dtype, None)
+        return path
+
+    def save_state(self, state: RunState, stem: str, batches_done: int) -> None:
+        directory = ckpt.state_dir(state.args.output_dir, stem)
+        state.accelerator.save_state(str(directory))
+        if state.accelerator.is_main_process:
+            epoch, done = state.epoch, batches_done
+            if done >= len(state.loader):
+                epoch, done = epoch + 1, 0
+            ckpt.TrainPosition(current_epoch=epoch, current_step=state.global_step,
+                               batches_done_in_epoch=done, seed=state.args.seed).save(directory)
+
+    def resume(self, state: RunState) -> tuple[int, int]:
+        directory = Path(state.args.resume)
+        position = ckpt.TrainPosition.load(directory)
+        if position.seed != state.args.seed:
+            print(f"note: the state was saved with --seed {position.seed}; using it so the data order matches")
+            state.args.seed = position.seed
+        state.accelerator.load_state(str(directory))
+        state.global_step = position.current_step
+        print(f"resumed from {directory}: step {position.current_step}, epoch {position.current_epoch + 1}, "
+              f"skipping {position.batches_done_in_epoch} batches")
+        return position.current_epoch, position.batches_done_in_epoch
+
+    def initial_position(self, state: RunState) -> tuple[int, int]:
+        args = state.args
+        if args.initial_step is not None:
+            step = args.initial_step
+            epoch, within = divmod(step, state.steps_per_epoch)
+        else:
+            epoch, within, step = args.initial_epoch - 1, 0, (args.initial_epoch - 1) * state.steps_per_epoch
+        state.global_step = step
+        for _ in range(step):
+            state.lr_scheduler.step()
+        skip = within * args.gradient_accumulation_steps if args.skip_until_initial_step else 0
+        return epoch, skip
+
+    # ---- sampling -----------------------------------------------------------------------------
+    def sample(self, state: RunState, label_step: int | None = None, label_epoch: int | None = None) -> None:
+        if not state.sample_prompts or not state.accelerator.is_main_process:
+            return
+        args = state.args
+        sample_dir = Path(args.output_dir) / "sample"
+        sample_dir.mkdir(parents=True, exist_ok=True)
+        tag = f"e{label_epoch:06d}" if label_epoch is not None else f"{label_step:06d}"
+        row = SampleRow(label=f"epoch {label_epoch}" if label_epoch is not None else f"step {label_step}")
+        with preserved_rng(state.device):
+            state.network.eval()
+            for prompt in state.sample_prompts:
+                with torch.no_grad(), state.accelerator.autocast():
+                    image = self.generate_sample(args, state.models, prompt, state.sample_conds,
+                                                 state.device, state.weight_dtype)
+                stamp = time.strftime("%Y%m%d%H%M%S")
+                seed = f"_{prompt.seed}" if prompt.seed is not None else ""
+                name = f"{args.output_name + '_' if args.output_name else ''}{tag}_{prompt.index:02d}_{stamp}{seed}.png"
+                image.save(sample_dir / name)
+                row.images[prompt.index] = name
+            state.network.train()
+        state.sample_rows.append(row)
+        write_gallery(sample_dir, args.output_name or "samples", [p.prompt for p in state.sample_prompts],
+                      state.sample_rows, state.metrics_file)
+
+    @property
+    def loss_config(self) -> LossConfig:
+        return self._loss_config
+
+    def run(self, argv: list[str] | None = None) -> int:
+        """Entry point for scripts: parse, train, report user errors without a traceback."""
+        try:
+            args = self.parse_args(argv)
+            self._loss_config = LossConfig.from_args(args, flow=True)
+            self.train(args)
+        except UserError as e:
+            print(f"error: {e}")
+            return 2
+        return 0
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+def parse_network_args(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--network_args '{item}': write key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def stack_text_outputs(per_caption: list[dict[str, torch.Tensor]], device) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([d[k] for d in per_caption]).to(device) for k in per_caption[0]}
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def preserved_rng(device: torch.device):
+    """Sampling must not change the training RNG stream (resume equality depends on it)."""
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)

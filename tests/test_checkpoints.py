@@ -1,0 +1,25 @@
+"""Output names and rotation (FORMATS.md 8.2)."""
+
+from library.training import checkpoints as ck
+
+
+def test_names():
+    assert ck.epoch_stem("my", 3) == "my-000003"
+    assert ck.epoch_stem(None, 3) == "epoch-000003"
+    assert ck.step_stem("my", 200) == "my-step00000200"
+    assert ck.step_stem(None, 5) == "at-step00000005"
+    assert ck.final_stem(None) == "last"
+
+
+def test_rotate_epochs_and_steps(tmp_path):
+    for e in (1, 2, 3):
+        (tmp_path / f"my-{e:06d}.safetensors").write_bytes(b"x")
+    ck.rotate_epoch_outputs(str(tmp_path), "my", "safetensors", epoch=3, every=1, keep_files=2, keep_states=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-000002.safetensors", "my-000003.safetensors"]
+
+    for s in (10, 20, 30):
+        (tmp_path / f"my-step{s:08d}.safetensors").write_bytes(b"x")
+        (tmp_path / f"my-step{s:08d}-state").mkdir()
+    ck.rotate_step_outputs(str(tmp_path), "my", "safetensors", step=30, keep_files_steps=15, keep_states_steps=5)
+    names = sorted(p.name for p in tmp_path.iterdir() if "step" in p.name)
+    assert names == ["my-step00000020.safetensors", "my-step00000030-state", "my-step00000030.safetensors"]
