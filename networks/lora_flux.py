@@ -1,0 +1,227 @@
+"""LoRA for FLUX.1 (dev / schnell) and Chroma: targets and defaults only (FORMATS 4.2).
+
+Use with `--network_module networks.lora_flux`. The LoRA math, saving, loading and
+optimizer groups live in networks/lora.py.
+
+Targets: every Linear in the double and single blocks (304 modules on FLUX.1, 228 on Chroma,
+which has no modulation layers), named after the BFL checkpoint keys, e.g.
+`lora_unet_double_blocks_0_img_attn_qkv`. `in_dims` adds the input embedders. CLIP-L LoRA
+modules (`lora_te1_...`) are created when a CLIP-L model is given; they are only trained
+and saved when the trainer applies the text encoder part.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from library.errors import ConfigError, ModelFileError
+from networks.lora import (LayerRef, LoRANetwork, LoRAPlusRatios, LoRATarget, apply_reg_lrs, find_layers,
+                           hf_clip_path_prefix, layer_at, load_lora_state_dict, mismatch_message,
+                           read_lora_modules, targets_from_weights)
+from networks.network_args import (COMMON_LORA_ARGS, ArgSpec, false_only, last_match, parse_block_selection,
+                                   parse_choice, parse_network_args, parse_rank, parse_rank_list, refused)
+
+logger = logging.getLogger(__name__)
+
+FAMILY = "FLUX.1 / Chroma"
+UNET_PREFIX = "lora_unet"
+# Position in `text_encoders` -> LoRA prefix (sd-scripts: CLIP-L is te1, T5-XXL is te3).
+CLIP_L_INDEX, T5_INDEX = 0, 1
+TEXT_ENCODER_PREFIXES = {CLIP_L_INDEX: "lora_te1", T5_INDEX: "lora_te3"}
+CLIP_CONTAINERS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+T5_CONTAINERS = ("T5Attention", "T5DenseGatedActDense", "T5DenseActDense")
+
+# Per-type ranks: the first key whose substrings all occur in the LoRA name (and that the
+# user set) gives the rank. Order matters: "single_blocks"+"linear" before "modulation".
+TYPE_DIMS = (
+    ("img_attn_dim", ("img_attn",)),
+    ("txt_attn_dim", ("txt_attn",)),
+    ("img_mlp_dim", ("img_mlp",)),
+    ("txt_mlp_dim", ("txt_mlp",)),
+    ("img_mod_dim", ("img_mod",)),
+    ("txt_mod_dim", ("txt_mod",)),
+    ("single_dim", ("single_blocks", "linear")),
+    ("single_mod_dim", ("modulation",)),
+)
+# in_dims=[img, time, vector, guidance, txt]: module paths per entry.
+IN_LAYERS = (
+    ("img_in", ("img_in",)),
+    ("time_in", ("time_in.in_layer", "time_in.out_layer")),
+    ("vector_in", ("vector_in.in_layer", "vector_in.out_layer")),
+    ("guidance_in", ("guidance_in.in_layer", "guidance_in.out_layer")),
+    ("txt_in", ("txt_in",)),
+)
+
+_NOT_YET = "is not supported yet"
+FLUX_ARGS: tuple[ArgSpec, ...] = COMMON_LORA_ARGS + (
+    ArgSpec("train_blocks", parse_choice("all", "single", "double"), "which block kind gets LoRA"),
+    *(ArgSpec(key, parse_rank, f"rank for layers matching {'+'.join(subs)} (0 = none)") for key, subs in TYPE_DIMS),
+    ArgSpec("in_dims", parse_rank_list(5, [name for name, _ in IN_LAYERS]), "ranks for the input embedders"),
+    ArgSpec("train_double_block_indices", parse_block_selection, '"all", "none" or e.g. 0,2,5-8'),
+    ArgSpec("train_single_block_indices", parse_block_selection, '"all", "none" or e.g. 0,2,5-8'),
+    ArgSpec("conv_dim", refused("FLUX and Chroma have no convolution layers; remove conv_dim"), "refused"),
+    ArgSpec("conv_alpha", refused("FLUX and Chroma have no convolution layers; remove conv_alpha"), "refused"),
+    ArgSpec("split_qkv", false_only(f"split_qkv=True {_NOT_YET}; remove it"), "only False for now"),
+    ArgSpec("train_t5xxl", false_only(f"T5-XXL LoRA (train_t5xxl=True) {_NOT_YET}; remove it"), "only False for now"),
+    ArgSpec("ggpo_sigma", refused(f"LoRA-GGPO {_NOT_YET}; remove ggpo_sigma"), "refused for now"),
+    ArgSpec("ggpo_beta", refused(f"LoRA-GGPO {_NOT_YET}; remove ggpo_beta"), "refused for now"),
+)
+# Keys that shape the module set / ranks: meaningless when the file decides them.
+RANK_KEYS = {"train_blocks", "in_dims", "train_double_block_indices", "train_single_block_indices",
+             "network_reg_dims", *(key for key, _ in TYPE_DIMS)}
+
+
+def _block_layers(flux: nn.Module) -> tuple[list[tuple[str, int, LayerRef]], dict[str, int]]:
+    """(kind, block index, layer) for every Linear of every block, and the block counts."""
+    for attr in ("double_blocks", "single_blocks"):
+        if not isinstance(getattr(flux, attr, None), nn.ModuleList):
+            raise ConfigError(f"networks.lora_flux needs a FLUX.1 or Chroma model (with {attr}); got "
+                              f"{type(flux).__name__}. Use the network module of your model family.")
+    layers, counts = [], {}
+    for kind in ("double", "single"):
+        blocks = getattr(flux, f"{kind}_blocks")
+        counts[kind] = len(blocks)
+        for index, block in enumerate(blocks):
+            for layer in find_layers(block, UNET_PREFIX, path_prefix=f"{kind}_blocks.{index}."):
+                layers.append((kind, index, layer))
+    return layers, counts
+
+
+def _in_layers(flux: nn.Module, name: str) -> list[LayerRef]:
+    paths = dict(IN_LAYERS)[name]
+    return [ref for ref in (layer_at(flux, p, UNET_PREFIX) for p in paths) if ref is not None]
+
+
+def _text_encoder_layers(text_encoders: Any, indices: Sequence[int]) -> list[LayerRef]:
+    if text_encoders is None:
+        return []
+    encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
+    layers = []
+    for index in indices:
+        model = encoders[index] if index < len(encoders) else None
+        if model is None:
+            continue
+        if index == CLIP_L_INDEX:
+            layers += find_layers(model, TEXT_ENCODER_PREFIXES[index], containers=CLIP_CONTAINERS,
+                                  path_prefix=hf_clip_path_prefix(model), text_encoder_index=index)
+        else:
+            layers += find_layers(model, TEXT_ENCODER_PREFIXES[index], containers=T5_CONTAINERS,
+                                  text_encoder_index=index)
+    return layers
+
+
+def _type_rank(lora_name: str, args: Mapping[str, Any], default: int) -> int:
+    for key, substrings in TYPE_DIMS:
+        if key in args and all(s in lora_name for s in substrings):
+            return args[key]
+    return default
+
+
+def _loraplus(args: Mapping[str, Any]) -> LoRAPlusRatios:
+    return LoRAPlusRatios(args.get("loraplus_lr_ratio"), args.get("loraplus_unet_lr_ratio"),
+                          args.get("loraplus_text_encoder_lr_ratio"))
+
+
+def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae: Any,
+                   text_encoders: Any, flux: nn.Module, neuron_dropout: float | None = None,
+                   **kwargs: Any) -> LoRANetwork:
+    """A new FLUX/Chroma LoRA (sd-scripts' signature; kwargs are the --network_args)."""
+    args = parse_network_args(kwargs, FLUX_ARGS, network_module=__name__)
+    dim = 4 if network_dim is None else int(network_dim)
+    if dim < 1:
+        raise ConfigError(f"--network_dim must be >= 1, got {network_dim}")
+    alpha = 1.0 if network_alpha is None else float(network_alpha)
+    reg_dims = args.get("network_reg_dims")
+
+    block_layers, counts = _block_layers(flux)
+    selected = {
+        kind: (args[key].resolve(counts[kind], key) if key in args else frozenset(range(counts[kind])))
+        for kind, key in (("double", "train_double_block_indices"), ("single", "train_single_block_indices"))
+    }
+    train_blocks = args.get("train_blocks", "all")
+
+    candidates: list[tuple[LayerRef, int]] = []  # (layer, rank before network_reg_dims)
+    for kind, index, layer in block_layers:
+        if train_blocks not in ("all", kind):
+            continue
+        rank = _type_rank(layer.lora_name, args, dim) if index in selected[kind] else 0
+        candidates.append((layer, rank))
+    if "in_dims" in args:
+        for (name, _), rank in zip(IN_LAYERS, args["in_dims"]):
+            candidates += [(layer, rank) for layer in _in_layers(flux, name)]
+    candidates += [(layer, dim) for layer in _text_encoder_layers(text_encoders, [CLIP_L_INDEX])]
+
+    targets: list[LoRATarget] = []
+    skipped: list[str] = []
+    for layer, rank in candidates:
+        # network_reg_dims comes last and wins over per-type ranks and block selection.
+        rule = last_match(reg_dims, layer.lora_name)
+        rank = rule.value if rule is not None else rank
+        if rank == 0:
+            skipped.append(layer.lora_name)
+        else:
+            targets.append(layer.target(rank, alpha))
+    if skipped and args.get("verbose"):
+        logger.info("%d layers skipped (rank 0): %s", len(skipped), ", ".join(skipped))
+
+    return LoRANetwork(
+        apply_reg_lrs(targets, args.get("network_reg_lrs")), family=FAMILY, multiplier=multiplier,
+        dropout=neuron_dropout, rank_dropout=args.get("rank_dropout"), module_dropout=args.get("module_dropout"),
+        loraplus=_loraplus(args), verbose=args.get("verbose", False),
+    )
+
+
+def create_network_from_weights(multiplier: float, file: str | os.PathLike | None, vae: Any, text_encoders: Any,
+                                flux: nn.Module, weights_sd: Mapping[str, torch.Tensor] | None = None,
+                                for_inference: bool = False, *, neuron_dropout: float | None = None,
+                                **kwargs: Any) -> tuple[LoRANetwork, Mapping[str, torch.Tensor]]:
+    """A network shaped like a LoRA file: its modules, ranks and alphas (for --dim_from_weights
+    and --lora "path;mult"). The weights are not loaded here: call `load_weights` or
+    `merge_to(weights_sd)`. A file for another model family is refused."""
+    args = parse_network_args(kwargs, FLUX_ARGS, network_module=__name__)
+    shaping = sorted(k for k in args if k in RANK_KEYS)
+    if shaping:
+        raise ConfigError(f"--network_args {', '.join(shaping)}: the modules and ranks come from the weights file "
+                          "here (--dim_from_weights / --lora); remove these keys.")
+    if weights_sd is None:
+        if file is None:
+            raise ConfigError("create_network_from_weights needs a file or a state dict")
+        weights_sd = load_lora_state_dict(file)
+    source = str(file) if file is not None else "the given LoRA weights"
+    saved = read_lora_modules(weights_sd, source)
+
+    block_layers, _ = _block_layers(flux)
+    layers = [layer for _, _, layer in block_layers]
+    layers += [layer for name, _ in IN_LAYERS for layer in _in_layers(flux, name)]
+    layers += _text_encoder_layers(text_encoders, [CLIP_L_INDEX, T5_INDEX])
+    targets, unmatched = targets_from_weights(layers, saved, source)
+    if unmatched:
+        raise ModelFileError(mismatch_message(source, FAMILY, unknown=unmatched, total=len(saved),
+                                              hint=_unmatched_hint(unmatched)))
+
+    network = LoRANetwork(
+        apply_reg_lrs(targets, args.get("network_reg_lrs")), family=FAMILY, multiplier=multiplier,
+        dropout=None if for_inference else neuron_dropout,
+        rank_dropout=None if for_inference else args.get("rank_dropout"),
+        module_dropout=None if for_inference else args.get("module_dropout"),
+        loraplus=_loraplus(args), verbose=args.get("verbose", False),
+    )
+    if for_inference:
+        network.requires_grad_(False)
+    return network, weights_sd
+
+
+def _unmatched_hint(unmatched: Sequence[str]) -> str | None:
+    if any(n.endswith(("_img_mod_lin", "_txt_mod_lin", "_modulation_lin")) for n in unmatched):
+        return ("It has modulation-layer modules, which FLUX.1 has and Chroma does not: it was trained on "
+                "FLUX.1; use it with a FLUX.1 model.")
+    te = [prefix for prefix in TEXT_ENCODER_PREFIXES.values() if any(n.startswith(prefix + "_") for n in unmatched)]
+    if te:
+        return (f"It has text-encoder modules ({', '.join(p + '_' for p in te)}) for a text encoder that was not "
+                "given (CLIP-L is te1, T5-XXL is te3).")
+    return None
