@@ -150,19 +150,12 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
     # ---- metadata -----------------------------------------------------------------------------
     def metadata_extras(self, args, models):
         variant = models.info.variant
-        base = "chroma" if variant == "chroma" else "flux1"
-        family = {
-            "ss_model_type": args.model_type, "ss_apply_t5_attn_mask": args.apply_t5_attn_mask,
-            "ss_weighting_scheme": args.weighting_scheme, "ss_logit_mean": args.logit_mean,
-            "ss_logit_std": args.logit_std, "ss_mode_scale": args.mode_scale,
-            "ss_guidance_scale": args.guidance_scale, "ss_timestep_sampling": args.timestep_sampling,
-            "ss_sigmoid_scale": args.sigmoid_scale, "ss_model_prediction_type": args.model_prediction_type,
-            "ss_discrete_flow_shift": args.discrete_flow_shift,
-        }
+        family = {"ss_model_type": args.model_type, "ss_apply_t5_attn_mask": args.apply_t5_attn_mask,
+                  "ss_guidance_scale": args.guidance_scale, **self.flow_metadata(args)}
         modelspec = {"architecture": f"{ARCHITECTURES[variant]}/lora",
                      "implementation": IMPLEMENTATIONS[args.model_type], "prediction_type": None,
                      "default_resolution": 1024}
-        return base, family, modelspec
+        return ("chroma" if variant == "chroma" else "flux1"), family, modelspec
 
 
 def main(argv: list[str] | None = None) -> int:

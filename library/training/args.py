@@ -97,7 +97,6 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
                    help="after each step, scale each module down so its update's norm is at most this")
     g.add_argument("--base_weights", type=str, nargs="*", default=None, help="LoRA files merged into the base first")
     g.add_argument("--base_weights_multiplier", type=float, nargs="*", default=None)
-    g.add_argument("--training_comment", type=str, default=None, help="stored as ss_training_comment")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

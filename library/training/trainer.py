@@ -12,6 +12,7 @@ Required hooks (family):
     noisy_input(args, latents, noise)   -> NoisyInput (noising, timesteps, target)
     denoise(args, models, noisy, text)  -> model prediction in latent layout
     loss_terms(args, pred, noisy)       -> (prediction for the loss, weighting or None)
+    loss_config(args)                   -> LossConfig (element loss, Huber schedule)
     generate_sample(args, models, prompt, text_conds, device) -> PIL image
     metadata_extras(args, models)       -> (base_model_version, family ss_* dict, modelspec dict)
 Optional hooks: validate_family_args, reso_step_multiple, default_resolution,
@@ -40,9 +41,10 @@ from library.errors import ConfigError, UserError
 from library.training import args as common_args
 from library.training import checkpoints as ckpt
 from library.training.config_file import parse_args_with_config, write_config_file
+from library.training.file_hashes import BackgroundFileHash
 from library.training.losses import add_loss_arguments, LossConfig, compute_per_sample_loss
 from library.training.lr_schedulers import add_lr_scheduler_arguments, build_lr_scheduler
-from library.training.metadata import add_metadata_arguments, build_metadata
+from library.training import metadata as meta_lib
 from library.training.optimizers import add_optimizer_arguments, build_optimizer
 from library.training.sample_gallery import SampleRow, write_gallery
 from library.training.sample_prompts import SamplePrompt, load_sample_prompts
@@ -91,6 +93,7 @@ class RunState:
     sample_conds: dict = field(default_factory=dict)
     sample_rows: list[SampleRow] = field(default_factory=list)
     metrics_file: Path | None = None
+    optimizer_info: object = None           # BuiltOptimizer: name, description, schedule-free flag
 
 
 class NetworkTrainer:
@@ -117,6 +120,9 @@ class NetworkTrainer:
 
     def loss_terms(self, args, model_pred: torch.Tensor, noisy: NoisyInput):
         raise NotImplementedError(f"{type(self).__name__} must implement loss_terms")
+
+    def loss_config(self, args) -> LossConfig:
+        raise NotImplementedError(f"{type(self).__name__} must implement loss_config")
 
     def generate_sample(self, args, models: FamilyModels, prompt: SamplePrompt, conds: dict,
                         device: torch.device, dtype: torch.dtype):
@@ -153,7 +159,7 @@ class NetworkTrainer:
         add_optimizer_arguments(parser)
         add_lr_scheduler_arguments(parser)
         add_loss_arguments(parser)
-        add_metadata_arguments(parser)
+        meta_lib.add_metadata_arguments(parser)
         self.add_family_arguments(parser)
         return parser
 
@@ -171,7 +177,9 @@ class NetworkTrainer:
     def check_args(self, args) -> None:
         common_args.check_common_args(args)
         common_args.refuse_unsupported(args)
+        meta_lib.check_metadata_args(args)
         self.validate_family_args(args)
+        self._loss_config = self.loss_config(args)
 
     # ---- the run ------------------------------------------------------------------------------
     def train(self, args: argparse.Namespace) -> Path | None:
@@ -193,6 +201,8 @@ class NetworkTrainer:
             return None
 
         set_seed(args.seed)
+        # hashing a 22 GB checkpoint takes ~30 s: do it beside the run, not before it
+        self._model_hash = BackgroundFileHash(args.pretrained_model_name_or_path)
         models = self.load_models(args, device, weight_dtype)
         self.cache(args, models, train_group, device)
         state = self.prepare_run(args, accelerator, device, weight_dtype, models, train_group)
@@ -235,8 +245,8 @@ class NetworkTrainer:
                                             neuron_dropout=args.network_dropout, **net_kwargs)
         train_te = not args.network_train_unet_only
         network.apply_to(models.text_encoders, models.denoiser, apply_text_encoder=train_te, apply_unet=True)
-        if args.network_weights and not args.dim_from_weights:
-            network.load_weights(args.network_weights)
+        if args.network_weights:
+            print(network.load_weights(args.network_weights))
         return network
 
     def prepare_run(self, args, accelerator, device, weight_dtype, models: FamilyModels, group) -> RunState:
@@ -272,18 +282,24 @@ class NetworkTrainer:
         accelerator.register_for_checkpointing(network)
 
         session_id = uuid.uuid4().hex
-        base_version, family_meta, modelspec_extra = self.metadata_extras(args, models)
-        metadata = build_metadata(
-            args, session_id=session_id, training_started_at=time.time(), train_group=group,
-            num_epochs=num_epochs, optimizer_description=opt.description, base_model_version=base_version,
-            family_metadata=family_meta, modelspec_extra=modelspec_extra)
+        started = time.time()
+        base_version, family_meta, modelspec_info = self.metadata_extras(args, models)
+        metadata = meta_lib.training_metadata(
+            args, session_id=session_id, training_started_at=started, num_train_images=group.num_train_images,
+            num_reg_images=group.num_reg_images, num_validation_images=0,
+            num_batches_per_epoch=len(loader), num_epochs=num_epochs, optimizer_description=opt.description,
+            base_model_version=base_version, dataset_metadata=group.metadata(),
+            network_module=args.network_module, network_dim=args.network_dim, network_alpha=args.network_alpha,
+            network_args=parse_network_args(args.network_args) or None, model_file_hashes={},
+            family_metadata=family_meta)
+        metadata.update(meta_lib.modelspec_from_args(args, timestamp=started, **modelspec_info))
 
         state = RunState(args=args, accelerator=accelerator, device=device, weight_dtype=weight_dtype,
                          models=models, train_group=group, loader=loader, network=network, optimizer=optimizer,
                          lr_scheduler=lr_scheduler, num_epochs=num_epochs, max_steps=max_steps,
                          steps_per_epoch=steps_per_epoch, metadata=metadata, session_id=session_id,
-                         metrics_file=Path(args.output_dir) / f"{args.output_name or 'training'}_log.jsonl")
-        state.optimizer_info = opt
+                         metrics_file=Path(args.output_dir) / f"{args.output_name or 'training'}_log.jsonl",
+                         optimizer_info=opt)
         if args.sample_prompts:
             state.sample_prompts = load_sample_prompts(args.sample_prompts)
             state.sample_conds = self.encode_prompts_for_sampling(args, models, state.sample_prompts, device)
@@ -362,7 +378,7 @@ class NetworkTrainer:
             model_pred = self.denoise(args, state.models, noisy, text)
         pred, weighting = self.loss_terms(args, model_pred.float(), noisy)
         per_sample = compute_per_sample_loss(
-            self.loss_config, pred, noisy.target.float(), timesteps=noisy.timesteps, sigmas=noisy.sigmas,
+            self._loss_config, pred, noisy.target.float(), timesteps=noisy.timesteps, sigmas=noisy.sigmas,
             weighting=weighting, mask=None, loss_weights=batch["loss_weights"].to(device))
         return per_sample.mean()
 
@@ -442,7 +458,7 @@ class NetworkTrainer:
     def finish(self, state: RunState) -> Path:
         args = state.args
         stem = ckpt.final_stem(args.output_name)
-        path = self.save_lora(state, stem)
+        path = self.save_lora(state, stem, final=True)
         if args.save_state_on_train_end:
             self.save_state(state, stem, len(state.loader))
         if state.accelerator.log_with:
@@ -451,18 +467,23 @@ class NetworkTrainer:
         return path
 
     # ---- saving / resuming --------------------------------------------------------------------
-    def save_lora(self, state: RunState, stem: str) -> Path:
+    def save_lora(self, state: RunState, stem: str, final: bool = False) -> Path:
         args = state.args
         path = ckpt.lora_path(args.output_dir, stem, args.save_model_as)
         if not state.accelerator.is_main_process:
             return path
         dtype = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_precision]
-        from library.training.metadata import with_save_time
-        meta = with_save_time(state.metadata, steps=state.global_step, epoch=state.epoch + 1)
+        meta = None
         if args.save_model_as == "safetensors":
+            meta = meta_lib.with_save_time(state.metadata, steps=state.global_step, epoch=state.epoch + 1)
+            # intermediate saves take the model hash if it is ready; the final one waits for it
+            if final or self._model_hash.done():
+                meta.update(self._model_hash.result())
+            if args.no_metadata:
+                meta = {**meta_lib.minimal_metadata(meta),
+                        **{k: v for k, v in meta.items() if k.startswith("modelspec.")}}
+        with self.eval_mode(state):
             state.network.save_weights(str(path), dtype, meta)
-        else:
-            state.network.save_weights(str(path), dtype, None)
         return path
 
     def save_state(self, state: RunState, stem: str, batches_done: int) -> None:
@@ -509,8 +530,7 @@ class NetworkTrainer:
         sample_dir.mkdir(parents=True, exist_ok=True)
         tag = f"e{label_epoch:06d}" if label_epoch is not None else f"{label_step:06d}"
         row = SampleRow(label=f"epoch {label_epoch}" if label_epoch is not None else f"step {label_step}")
-        with preserved_rng(state.device):
-            state.network.eval()
+        with preserved_rng(state.device), self.eval_mode(state):
             for prompt in state.sample_prompts:
                 with torch.no_grad(), state.accelerator.autocast():
                     image = self.generate_sample(args, state.models, prompt, state.sample_conds,
@@ -520,20 +540,27 @@ class NetworkTrainer:
                 name = f"{args.output_name + '_' if args.output_name else ''}{tag}_{prompt.index:02d}_{stamp}{seed}.png"
                 image.save(sample_dir / name)
                 row.images[prompt.index] = name
-            state.network.train()
         state.sample_rows.append(row)
         write_gallery(sample_dir, args.output_name or "samples", [p.prompt for p in state.sample_prompts],
                       state.sample_rows, state.metrics_file)
 
-    @property
-    def loss_config(self) -> LossConfig:
-        return self._loss_config
+    @contextmanager
+    def eval_mode(self, state: RunState):
+        """Dropout off, and schedule-free optimizers switched to their evaluation weights."""
+        state.network.eval()
+        if state.optimizer_info.needs_train_eval_mode:
+            state.optimizer_info.optimizer.eval()
+        try:
+            yield
+        finally:
+            state.network.train()
+            if state.optimizer_info.needs_train_eval_mode:
+                state.optimizer_info.optimizer.train()
 
     def run(self, argv: list[str] | None = None) -> int:
         """Entry point for scripts: parse, train, report user errors without a traceback."""
         try:
             args = self.parse_args(argv)
-            self._loss_config = LossConfig.from_args(args, flow=True)
             self.train(args)
         except UserError as e:
             print(f"error: {e}")
