@@ -18,8 +18,9 @@ import torch
 from library.errors import ConfigError
 from library.flux import sampling as flux_sampling
 from library.flux.loading import load_flux_dit
-from library.flux.text import FluxTextEncoding, load_flux_text_encoders
+from library.flux.text import FluxTextCacheEncoder, FluxTextEncoding, FluxTextOutputs
 from library.autoencoders import load_flux_ae
+from library.text_encoders import file_fingerprint
 from library.training.flow_trainer import FlowMatchingTrainer
 from library.training.flow_matching import add_flow_matching_arguments
 from library.training.trainer import FamilyModels, NoisyInput
@@ -34,7 +35,8 @@ class AELatentEncoder:
 
     def __init__(self, ae, path: str, device: torch.device, dtype: torch.dtype):
         self.ae, self.device, self.dtype = ae, device, dtype
-        self.identity = f"flux-ae:{path}:sample"
+        # the file's fingerprint, not its path: a replaced file must invalidate the cache
+        self.identity = f"flux-ae:{file_fingerprint(path)}:posterior-sample"
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -103,8 +105,10 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
         if args.t5xxl_max_token_length is None:
             args.t5xxl_max_token_length = 256 if info.variant == "schnell" else 512
         ae = load_flux_ae(args.ae, device="cpu", dtype=weight_dtype)
-        text = load_flux_text_encoders(clip_l_path=args.clip_l, t5xxl_path=args.t5xxl, dtype=weight_dtype,
-                                       tokenizer_cache_dir=args.tokenizer_cache_dir)
+        text = FluxTextEncoding.from_files(
+            clip_l_path=args.clip_l if args.model_type == "flux" else None, t5xxl_path=args.t5xxl,
+            t5_max_length=args.t5xxl_max_token_length, apply_t5_attn_mask=args.apply_t5_attn_mask,
+            tokenizer_cache_dir=args.tokenizer_cache_dir, device="cpu", dtype=weight_dtype)
         return FamilyModels(denoiser=dit, text_encoders=[text.clip_l, text.t5], vae=ae, info=info,
                             extra={"text": text})
 
@@ -114,13 +118,11 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
         return self._latent_encoder
 
     def text_encoding(self, args, models, device):
-        if not hasattr(self, "_text_encoding"):
-            text = models.extra["text"]
-            self._text_encoding = FluxTextEncoding(
-                clip_tokenizer=text.clip_tokenizer, t5_tokenizer=text.t5_tokenizer, clip_l=text.clip_l, t5=text.t5,
-                t5_max_length=args.t5xxl_max_token_length, apply_t5_attn_mask=args.apply_t5_attn_mask,
-                device=device, identity_files=(args.clip_l, args.t5xxl))
-        return self._text_encoding
+        text = models.extra["text"]
+        for encoder in (text.clip_l, text.t5):
+            if encoder is not None:
+                encoder.to(device)
+        return FluxTextCacheEncoder(text)
 
     # ---- the forward --------------------------------------------------------------------------
     def denoise(self, args, models, noisy: NoisyInput, text: dict) -> torch.Tensor:
@@ -139,13 +141,18 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
 
     # ---- sampling -----------------------------------------------------------------------------
     def generate_sample(self, args, models, prompt, conds, device, dtype):
+        def conditioning(text: str):
+            entry = {k: v.unsqueeze(0).to(device) for k, v in conds[text].items() if k in FluxTextOutputs.CACHE_KEYS}
+            return FluxTextOutputs.from_cache(entry).conditioning(args.apply_t5_attn_mask, dtype=dtype)
+
+        cfg_scale = prompt.scale if prompt.scale is not None else 1.0
+        models.vae.to(device)
         return flux_sampling.generate_image(
-            models.denoiser, models.vae, conds[prompt.prompt], conds.get(prompt.negative_prompt or ""),
+            models.denoiser, models.vae, conditioning(prompt.prompt),
+            neg=conditioning(prompt.negative_prompt or "") if cfg_scale != 1.0 else None,
             width=prompt.width or 512, height=prompt.height or 512, steps=prompt.sample_steps or 20,
             guidance=prompt.guidance_scale if prompt.guidance_scale is not None else 3.5,
-            cfg_scale=prompt.scale if prompt.scale is not None else 1.0,
-            seed=prompt.seed, device=device, use_guidance_embed=models.info.variant == "dev",
-            apply_t5_attn_mask=args.apply_t5_attn_mask)
+            cfg_scale=cfg_scale, seed=prompt.seed, shift=models.info.variant != "schnell", progress=False)
 
     # ---- metadata -----------------------------------------------------------------------------
     def metadata_extras(self, args, models):

@@ -87,6 +87,9 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs should read like any file
         os.replace(tmp, path)
     except OSError as e:
         try:

@@ -344,7 +344,7 @@ class NetworkTrainer:
             state.epoch = epoch
             pending = 0
             batches_done = skip_batches
-            for batch in state.loader.epoch(epoch, skip_batches=skip_batches):
+            for batch in state.loader.epoch(epoch + 1, skip_batches=skip_batches):  # the loader counts from 1
                 loss = self.training_step(state, batch) / accum
                 acc.backward(loss)
                 pending += 1

@@ -1,0 +1,131 @@
+"""Benchmark a FLUX LoRA training step at full size with random weights (TARGETS.md setting).
+
+    python benchmarks/bench_flux_train.py --device cuda --steps 40          # FLUX.1-dev, 1024x1024
+    python benchmarks/bench_flux_train.py --tiny --device cpu --steps 3     # quick check on CPU
+
+The step is the trainer's own code (FluxNetworkTrainer.noisy_input / denoise / loss_terms, the
+shared loss, LoRA from networks.lora_flux, the optimizer builder), fed with synthetic cached
+latents and text outputs, i.e. what `--cache_latents --cache_text_encoder_outputs` gives the
+loop. Prints one JSON line: median/p90 step time over steps 6.., peak memory, and model FLOPs
+utilisation as TARGETS.md defines it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flux_train_network import FluxNetworkTrainer  # noqa: E402
+from library.flux.model import VARIANTS  # noqa: E402
+from library.tiny.flux import build_flux_model, tiny_flux_params  # noqa: E402
+from library.training.losses import compute_per_sample_loss  # noqa: E402
+from library.training.optimizers import build_optimizer  # noqa: E402
+from library.training.trainer import FamilyModels  # noqa: E402
+from networks import lora_flux  # noqa: E402
+
+
+def useful_flops(params, img_tokens: int, txt_tokens: int) -> float:
+    """2F, F = sum over blocks of 2 x token-wise linear params x L + 4 L^2 d (TARGETS.md)."""
+    h, mlp = params.hidden_size, params.mlp_hidden_dim
+    per_block = h * 3 * h + h * h + 2 * h * mlp          # qkv + proj + mlp (one stream) == single block
+    L = img_tokens + txt_tokens
+    blocks = params.depth + params.depth_single_blocks
+    forward = blocks * (2 * per_block * L + 4 * L * L * h)
+    return 2 * forward
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--t5_len", type=int, default=512)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--no_grad_ckpt", action="store_true")
+    ap.add_argument("--peak_tflops", type=float, default=790.0, help="measured bf16 matmul peak of the GPU")
+    ap.add_argument("--optimizer", default="AdamW")
+    a = ap.parse_args()
+
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    params = tiny_flux_params("dev") if a.tiny else VARIANTS["dev"].params
+    t0 = time.perf_counter()
+    dit = build_flux_model(params, device=device, dtype=dtype)
+    dit.requires_grad_(False)
+    build_s = time.perf_counter() - t0
+    if not a.no_grad_ckpt:
+        dit.enable_gradient_checkpointing()
+
+    trainer = FluxNetworkTrainer()
+    args = trainer.build_parser().parse_args([
+        "--timestep_sampling", "shift", "--discrete_flow_shift", "3.1582", "--model_prediction_type", "raw",
+        "--guidance_scale", "1.0", "--mixed_precision", "bf16" if dtype == torch.bfloat16 else "no"])
+    trainer._loss_config = trainer.loss_config(args)
+    models = FamilyModels(denoiser=dit, text_encoders=[None, None], vae=None,
+                          info=type("Info", (), {"variant": "dev"})())
+
+    network = lora_flux.create_network(1.0, a.rank, a.rank, None, [None, None], dit)
+    network.apply_to(apply_text_encoder=False, apply_unet=True)
+    network.to(device)
+    groups, _ = network.prepare_optimizer_params(text_encoder_lr=None, unet_lr=None, default_lr=1e-4)
+    opt = build_optimizer(a.optimizer, [], groups, 1e-4).optimizer
+
+    lat_hw = a.size // 8
+    latents = torch.randn(1, 16, lat_hw, lat_hw, device=device)
+    text = {"t5_out": torch.randn(1, a.t5_len, params.context_in_dim, device=device),
+            "l_pooled": torch.randn(1, params.vec_in_dim, device=device),
+            "txt_ids": torch.zeros(1, a.t5_len, 3, device=device),
+            "t5_attn_mask": torch.ones(1, a.t5_len, dtype=torch.long, device=device)}
+
+    def step() -> torch.Tensor:
+        noisy = trainer.noisy_input(args, latents, torch.randn_like(latents))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            pred = trainer.denoise(args, models, noisy, text)
+        p, w = trainer.loss_terms(args, pred.float(), noisy)
+        loss = compute_per_sample_loss(trainer._loss_config, p, noisy.target.float(), timesteps=noisy.timesteps,
+                                       sigmas=noisy.sigmas, weighting=w, mask=None,
+                                       loss_weights=torch.ones(1, device=device)).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.get_trainable_params(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(a.steps):
+        sync()
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    measured = times[5:] if len(times) > 6 else times
+    med = statistics.median(measured)
+    p90 = sorted(measured)[int(0.9 * (len(measured) - 1))]
+    img_tokens = (lat_hw // 2) ** 2
+    flops = useful_flops(params, img_tokens, a.t5_len)
+    out = {
+        "model": "tiny" if a.tiny else "flux1-dev", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "size": a.size, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt,
+        "build_s": round(build_s, 2), "median_s": round(med, 4), "p90_s": round(p90, 4),
+        "steps": a.steps, "useful_tflop_per_step": round(flops / 1e12, 1),
+        "mfu": round(flops / med / (a.peak_tflops * 1e12), 3) if device.type == "cuda" else None,
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
