@@ -124,6 +124,9 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
                 encoder.to(device)
         return FluxTextCacheEncoder(text)
 
+    def block_lists(self, models):
+        return [models.denoiser.double_blocks, models.denoiser.single_blocks]
+
     # ---- the forward --------------------------------------------------------------------------
     def denoise(self, args, models, noisy: NoisyInput, text: dict) -> torch.Tensor:
         b, _, h, w = noisy.noisy.shape

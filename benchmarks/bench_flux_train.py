@@ -28,7 +28,7 @@ from library.flux.model import VARIANTS  # noqa: E402
 from library.tiny.flux import build_flux_model, tiny_flux_params  # noqa: E402
 from library.training.losses import compute_per_sample_loss  # noqa: E402
 from library.training.optimizers import build_optimizer  # noqa: E402
-from library.training.trainer import FamilyModels  # noqa: E402
+from library.training.trainer import FamilyModels, compile_blocks  # noqa: E402
 from networks import lora_flux  # noqa: E402
 
 
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--no_grad_ckpt", action="store_true")
     ap.add_argument("--peak_tflops", type=float, default=790.0, help="measured bf16 matmul peak of the GPU")
     ap.add_argument("--optimizer", default="AdamW")
+    ap.add_argument("--compile", action="store_true", help="--torch_compile: compile each block")
     a = ap.parse_args()
 
     device = torch.device(a.device)
@@ -76,6 +77,8 @@ def main() -> None:
     network = lora_flux.create_network(1.0, a.rank, a.rank, None, [None, None], dit)
     network.apply_to(apply_text_encoder=False, apply_unet=True)
     network.to(device)
+    if a.compile:
+        compile_blocks(trainer.block_lists(models), "inductor")
     groups, _ = network.prepare_optimizer_params(text_encoder_lr=None, unet_lr=None, default_lr=1e-4)
     opt = build_optimizer(a.optimizer, [], groups, 1e-4).optimizer
 
@@ -117,7 +120,7 @@ def main() -> None:
     flops = useful_flops(params, img_tokens, a.t5_len)
     out = {
         "model": "tiny" if a.tiny else "flux1-dev", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "size": a.size, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt,
+        "size": a.size, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt, "compile": a.compile,
         "build_s": round(build_s, 2), "median_s": round(med, 4), "p90_s": round(p90, 4),
         "steps": a.steps, "useful_tflop_per_step": round(flops / 1e12, 1),
         "mfu": round(flops / med / (a.peak_tflops * 1e12), 3) if device.type == "cuda" else None,

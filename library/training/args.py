@@ -70,8 +70,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vae_batch_size", type=int, default=1, help="batch size when caching latents")
     g.add_argument("--text_encoder_batch_size", type=int, default=None,
                    help="batch size when caching text-encoder outputs (default: the training batch size)")
-    g.add_argument("--torch_compile", action="store_true")
-    g.add_argument("--dynamo_backend", type=str, default="inductor")
+    g.add_argument("--torch_compile", action="store_true",
+                   help="torch.compile each transformer block (first steps are slower while compiling)")
+    g.add_argument("--dynamo_backend", type=str, default="inductor", help="torch.compile backend")
     g.add_argument("--ddp_timeout", type=int, default=None)
     g.add_argument("--ddp_gradient_as_bucket_view", action="store_true")
     g.add_argument("--ddp_static_graph", action="store_true")
@@ -140,7 +141,6 @@ _NOT_YET = [
     ("validate_every_n_epochs", "validation loss is not supported yet; remove --validate_every_n_epochs."),
     ("max_validation_steps", "validation loss is not supported yet; remove --max_validation_steps."),
     ("base_weights", "--base_weights is not supported yet. Merge the LoRA into the model first."),
-    ("torch_compile", "--torch_compile is not supported yet. Remove it."),
     ("xformers", "--xformers is not supported for this model: attention uses PyTorch SDPA. Remove it."),
     ("mem_eff_attn", "--mem_eff_attn is for SD 1.x/2.x only. Remove it."),
     ("full_fp16", "--full_fp16 is not supported yet; use --mixed_precision bf16 (or --full_bf16)."),

@@ -138,6 +138,10 @@ class NetworkTrainer:
     def validate_family_args(self, args) -> None:
         """Refuse impossible option combinations before anything is loaded."""
 
+    def block_lists(self, models: FamilyModels) -> list[torch.nn.ModuleList]:
+        """The denoiser's lists of transformer blocks (compiled one by one with --torch_compile)."""
+        return []
+
     def encode_prompts_for_sampling(self, args, models: FamilyModels, prompts: list[SamplePrompt],
                                     device: torch.device) -> dict:
         """Encode sample prompts once at start (text encoders may be dropped afterwards)."""
@@ -260,6 +264,8 @@ class NetworkTrainer:
         if args.gradient_checkpointing:
             models.denoiser.enable_gradient_checkpointing()
         models.denoiser.to(device)
+        if args.torch_compile:
+            compile_blocks(self.block_lists(models), args.dynamo_backend)
 
         te_lr = args.text_encoder_lr
         params, _descriptions = network.prepare_optimizer_params(
@@ -584,6 +590,16 @@ def parse_network_args(items: list[str] | None) -> dict[str, str]:
 
 def stack_text_outputs(per_caption: list[dict[str, torch.Tensor]], device) -> dict[str, torch.Tensor]:
     return {k: torch.stack([d[k] for d in per_caption]).to(device) for k in per_caption[0]}
+
+
+def compile_blocks(block_lists: list[torch.nn.ModuleList], backend: str) -> None:
+    """Compile block by block: identical blocks share one compiled graph, so compiling is quick,
+    and checkpointing/offloading still see plain per-block modules."""
+    if not block_lists:
+        raise ConfigError("--torch_compile is not supported for this model yet; remove it")
+    for blocks in block_lists:
+        for i, block in enumerate(blocks):
+            blocks[i] = torch.compile(block, backend=backend)
 
 
 def set_seed(seed: int) -> None:
