@@ -125,6 +125,7 @@ image_dir = "{tmp_path / 'r'}"
 is_reg = true
 [[datasets]]
 resolution = 32
+bucket_reso_steps = 32
 [[datasets.subsets]]
 image_dir = "{tmp_path / 'a'}"
 """)

@@ -146,3 +146,32 @@ def test_wrong_file_as_dit_is_named(setup, tmp_path):
     r = train(setup, tmp_path / "bad", "--max_train_steps", "1", "--pretrained_model_name_or_path", str(paths.ae))
     assert r.returncode == 2
     assert "autoencoder" in r.stdout.lower()
+
+
+def test_chroma_trains_and_refuses_a_flux_file(tmp_path):
+    paths = write_tiny_flux_set(tmp_path / "models", variant="chroma")
+    flux = write_tiny_flux_set(tmp_path / "flux", variant="dev")
+    images = write_shapes_dataset(tmp_path / "images", count=4)
+    ds = tmp_path / "ds.toml"
+    ds.write_text(f'[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 128\n'
+                  f'[[datasets.subsets]]\nimage_dir = "{images.as_posix()}"\n')
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle --n blurry --w 128 --h 128 --d 1 --s 2 --l 4.0 --g 0.0\n")
+    base = [sys.executable, str(ROOT / "flux_train_network.py"), "--model_type", "chroma", "--t5xxl", str(paths.t5xxl),
+            "--ae", str(paths.ae), "--tokenizer_cache_dir", str(paths.tokenizer_cache_dir), "--dataset_config", str(ds),
+            "--output_dir", str(tmp_path / "out"), "--output_name", "c", "--network_module", "networks.lora_flux",
+            "--network_dim", "4", "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs",
+            "--t5xxl_max_token_length", "16", "--guidance_scale", "0.0", "--timestep_sampling", "sigmoid",
+            "--model_prediction_type", "raw", "--max_train_steps", "4", "--max_data_loader_n_workers", "0"]
+    r = subprocess.run(base + ["--pretrained_model_name_or_path", str(paths.dit), "--sample_prompts", str(prompts),
+                               "--sample_every_n_steps", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    with safe_open(str(tmp_path / "out" / "c.safetensors"), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert meta["ss_base_model_version"] == "chroma" and meta["modelspec.architecture"] == "chroma/lora"
+    assert meta["ss_apply_t5_attn_mask"] == "True"           # always on for Chroma
+    assert not any("_mod_" in k or "modulation" in k for k in keys)
+    assert len(list((tmp_path / "out" / "sample").glob("*.png"))) == 1   # CFG with a negative prompt
+    r = subprocess.run(base + ["--pretrained_model_name_or_path", str(flux.dit)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "chroma" in r.stdout.lower()

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from library.data.buckets import Size, crop_ltrb
 from library.data.caching import LatentStore, TextStore
@@ -23,6 +24,20 @@ from library.data.images import (
 )
 
 Batch = dict[str, Any]
+
+
+class Reso(NamedTuple):
+    """(width, height). A NamedTuple so DataLoader collation and pin_memory keep it a tuple."""
+
+    width: int
+    height: int
+
+
+class CropBox(NamedTuple):
+    left: int
+    top: int
+    right: int
+    bottom: int
 
 
 @dataclass(frozen=True)
@@ -103,8 +118,8 @@ class BatchBuilder:
             captions.append(caption)
             loss_weights.append(self.prior_loss_weight if sub.is_reg else 1.0)
             paths.append(item.path)
-            sizes.append(item.size)
-            crops.append(crop_ltrb(ref.bucket, item.size))
+            sizes.append(Reso(*item.size))
+            crops.append(CropBox(*crop_ltrb(ref.bucket, item.size)))
             attrs.append(dict(sub.custom_attributes or {}))
             flips.append(flip)
 
@@ -112,7 +127,7 @@ class BatchBuilder:
             "captions": captions,
             "loss_weights": torch.tensor(loss_weights, dtype=torch.float32),
             "network_multipliers": torch.full((len(captions),), float(ds.spec.network_multiplier), dtype=torch.float32),
-            "bucket_reso": ref.bucket,
+            "bucket_reso": Reso(*ref.bucket),
             "original_sizes": sizes,
             "crop_ltrb": crops,
             "image_paths": paths,
@@ -120,14 +135,26 @@ class BatchBuilder:
             "flipped": flips,
         }
         if self.latents is not None:
-            batch["latents"] = torch.stack(latents)
+            batch["latents"] = stack(latents)
         else:
-            batch["images"] = torch.from_numpy(np.stack(pixels))
+            batch["images"] = stack([torch.from_numpy(p) for p in pixels])
         if self.any_alpha:
-            batch["alpha_masks"] = torch.stack(alphas).float()
+            batch["alpha_masks"] = stack([a.float() for a in alphas])
         if self.text is not None:
             batch["text"] = _stack_text(texts, paths)
         return batch
+
+
+def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack; inside a data-loader worker the result is made directly in shared memory, so
+    handing it to the main process costs no extra copy (as torch's default_collate does)."""
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    numel = first.numel() * len(tensors)
+    storage = first.untyped_storage()._new_shared(numel * first.element_size(), device=first.device)
+    out = first.new_empty(0).set_(storage).view(-1)[:numel].view(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
 
 
 def _stack_text(entries: list[dict[str, torch.Tensor]], paths: list[str]) -> dict[str, torch.Tensor]:
@@ -135,7 +162,7 @@ def _stack_text(entries: list[dict[str, torch.Tensor]], paths: list[str]) -> dic
     out = {}
     for k in keys:
         try:
-            out[k] = torch.stack([e[k] for e in entries])
+            out[k] = stack([e[k] for e in entries])
         except (KeyError, RuntimeError) as e:
             raise ValueError(f"cached text outputs for {paths} do not share key {k!r} with equal shapes ({e}); "
                              "the text encoder must pad every caption to the same length") from e

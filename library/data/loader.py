@@ -40,6 +40,11 @@ class _EpochSampler(Sampler):
         return len(self.refs)
 
 
+def _as_is(batch: Batch) -> Batch:
+    # The builder returns finished batches; the default conversion would turn tuples into lists.
+    return batch
+
+
 def _worker_init(_worker_id: int) -> None:
     # Workers run one batch at a time each; torch's own thread pool would only oversubscribe the
     # CPU. cv2's thread count is deliberately left alone: cv2.setNumThreads can hang in a forked
