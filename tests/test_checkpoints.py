@@ -23,3 +23,22 @@ def test_rotate_epochs_and_steps(tmp_path):
     ck.rotate_step_outputs(str(tmp_path), "my", "safetensors", step=30, keep_files_steps=15, keep_states_steps=5)
     names = sorted(p.name for p in tmp_path.iterdir() if "step" in p.name)
     assert names == ["my-step00000020.safetensors", "my-step00000030-state", "my-step00000030.safetensors"]
+
+
+def test_nan_loss_stops_with_the_step(tmp_path):
+    import pytest
+    from library.training.trainer import NetworkTrainer, TrainingDiverged
+
+    class State:
+        metrics_file = tmp_path / "log.jsonl"
+        epoch = 0
+        lr_scheduler = type("S", (), {"get_last_lr": lambda self: [1e-4]})()
+        accelerator = type("A", (), {"log_with": None})()
+
+    class Bar:
+        def set_postfix(self, **_):
+            pass
+
+    NetworkTrainer().report_losses(State(), [(1, 0.5)], [], Bar())
+    with pytest.raises(TrainingDiverged, match="at step 2"):
+        NetworkTrainer().report_losses(State(), [(2, float("nan"))], [], Bar())
