@@ -98,7 +98,8 @@ def main() -> None:
         rows = []
         train, _ = build_datasets(args)
         bucket = train.datasets[0].items[0]
-        print(f"{opts.num_images} JPEGs {opts.width}x{opts.height} -> resized {bucket.resized} -> bucket {bucket.bucket}")
+        print(f"{opts.num_images} JPEGs {opts.width}x{opts.height} -> resized {bucket.resized} "
+              f"-> bucket {bucket.bucket}")
         for w in opts.workers:
             rows.append((f"decode+resize+crop, {w} workers", time_epoch(train, w, opts.epochs)))
 

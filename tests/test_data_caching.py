@@ -259,6 +259,7 @@ def test_text_outputs_on_disk_reuse_and_stale_captions(tmp_path, images):
 def test_text_caching_refusals(tmp_path, images):
     for body, expected in [("shuffle_caption = true", "shuffle_caption = true"),
                            ("token_warmup_step = 10", "token_warmup_step = 10"),
+                           ("token_warmup_step = 0.5", "token_warmup_step = 0.5"),
                            ("caption_tag_dropout_rate = 0.1", "caption_tag_dropout_rate = 0.1"),
                            ("enable_wildcard = true\ncaption_prefix = \"{a|b}\"",
                             "3 captions have several wildcard choices or lines")]:

@@ -78,7 +78,8 @@ class_tokens = "dog"
 def test_skipped_images_are_counted_and_listed(tmp_path):
     make_folder(tmp_path / "imgs", [(64, 64)] * 2)
     (tmp_path / "imgs" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
-    train, _ = build(tmp_path, f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "imgs"}"\n')
+    imgs = tmp_path / "imgs"
+    train, _ = build(tmp_path, f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{imgs}"\n')
     assert train.num_train_images == 2
     assert [os.path.basename(s.path) for s in train.skipped] == ["broken.jpg"]
     report = train.report()
@@ -97,7 +98,8 @@ def test_no_upscale_too_small_image_is_skipped_with_reason(tmp_path):
 
 def test_missing_and_empty_captions_in_report(tmp_path):
     make_folder(tmp_path / "imgs", [(64, 64)] * 3, captions=["a", "", None])
-    train, _ = build(tmp_path, f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "imgs"}"\n'
+    imgs = tmp_path / "imgs"
+    train, _ = build(tmp_path, f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{imgs}"\n'
                                'caption_extension = ".txt"\nclass_tokens = "sks"\n')
     info = train.datasets[0].subsets[0]
     assert (info.missing_captions, info.empty_captions) == (1, 1)

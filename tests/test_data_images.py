@@ -7,11 +7,13 @@ import random
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 
+from library.data.batches import images_to_unit_range
 from library.data.images import (
     CropPlan, DecodedImage, choose_interpolation, color_augment, decode_image, image_extensions, list_images,
-    plan_crop, probe_image, resize_and_crop, rgb_to_tensor_array,
+    plan_crop, probe_image, resize_and_crop,
 )
 from library.errors import DatasetError
 from tests.test_data_helpers import make_image
@@ -169,6 +171,6 @@ def test_jpeg_draft_decoding_keeps_at_least_the_target_size(tmp_path):
 
 
 def test_tensor_range():
-    t = rgb_to_tensor_array(np.array([[[0, 255, 128]]], np.uint8))
-    assert t.shape == (3, 1, 1) and t.dtype == np.float32
-    np.testing.assert_allclose(t[:, 0, 0], [-1.0, 1.0, 128 / 127.5 - 1], atol=1e-6)
+    t = images_to_unit_range([np.array([[[0]], [[255]], [[128]]], np.uint8)])
+    assert t.shape == (1, 3, 1, 1) and t.dtype == torch.float32
+    np.testing.assert_allclose(t[0, :, 0, 0].numpy(), [-1.0, 1.0, 128 / 127.5 - 1], atol=1e-6)

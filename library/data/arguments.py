@@ -58,7 +58,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
                    help="drop all captions on epochs divisible by N (default 0 = never)")
     c.add_argument("--caption_tag_dropout_rate", type=float, default=None,
                    help="probability that each tag is dropped (default 0)")
-    c.add_argument("--token_warmup_min", type=int, default=None, help="tags used at the start of the warm-up (default 1)")
+    c.add_argument("--token_warmup_min", type=int, default=None,
+                   help="tags used at the start of the warm-up (default 1)")
     c.add_argument("--token_warmup_step", type=float, default=None,
                    help="steps until all tags are used; < 1 means a fraction of max_train_steps (default 0 = off)")
     c.add_argument("--cache_info", action="store_true", default=None,

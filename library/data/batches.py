@@ -20,7 +20,7 @@ from library.data.caching import LatentStore, TextStore
 from library.data.captions import CaptionOptions, process_caption
 from library.data.dataset import ImageDataset, Slot, derive_rng
 from library.data.images import (
-    color_augment, decode_image, flip_horizontal, plan_crop, resize_and_crop, rgb_to_tensor_array,
+    color_augment, decode_image, flip_horizontal, plan_crop, resize_and_crop,
 )
 
 Batch = dict[str, Any]
@@ -109,7 +109,7 @@ class BatchBuilder:
                     img.rgb = color_augment(img.rgb, image_rng)
                 if flip:
                     img = flip_horizontal(img)
-                pixels.append(rgb_to_tensor_array(img.rgb))
+                pixels.append(np.ascontiguousarray(img.rgb.transpose(2, 0, 1)))
                 if self.any_alpha:
                     alphas.append(torch.from_numpy(img.alpha.astype(np.float32) / 255.0) if img.alpha is not None
                                   else torch.ones(ref.bucket[1], ref.bucket[0]))
@@ -137,7 +137,7 @@ class BatchBuilder:
         if self.latents is not None:
             batch["latents"] = stack(latents)
         else:
-            batch["images"] = stack([torch.from_numpy(p) for p in pixels])
+            batch["images"] = images_to_unit_range(pixels)
         if self.any_alpha:
             batch["alpha_masks"] = stack([a.float() for a in alphas])
         if self.text is not None:
@@ -145,16 +145,26 @@ class BatchBuilder:
         return batch
 
 
-def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.stack; inside a data-loader worker the result is made directly in shared memory, so
-    handing it to the main process costs no extra copy (as torch's default_collate does)."""
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor; inside a data-loader worker it lives in shared memory, so handing the batch
+    to the main process costs no extra copy (as torch's default_collate does)."""
     if get_worker_info() is None:
-        return torch.stack(tensors)
-    first = tensors[0]
-    numel = first.numel() * len(tensors)
-    storage = first.untyped_storage()._new_shared(numel * first.element_size(), device=first.device)
-    out = first.new_empty(0).set_(storage).view(-1)[:numel].view(len(tensors), *first.shape)
-    return torch.stack(tensors, out=out)
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage).view(-1)[:numel].view(shape)
+
+
+def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(tensors, out=_batch_tensor((len(tensors), *tensors[0].shape), tensors[0].dtype))
+
+
+def images_to_unit_range(chw: list[np.ndarray]) -> torch.Tensor:
+    """(3,H,W) uint8 images -> (B,3,H,W) float32 in [-1, 1] (x / 127.5 - 1)."""
+    u8 = torch.from_numpy(np.stack(chw))
+    out = _batch_tensor(tuple(u8.shape), torch.float32)
+    torch.div(u8, 127.5, out=out)
+    return out.sub_(1.0)
 
 
 def _stack_text(entries: list[dict[str, torch.Tensor]], paths: list[str]) -> dict[str, torch.Tensor]:

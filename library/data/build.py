@@ -150,10 +150,5 @@ def _refuse_cache_conflicts(args: argparse.Namespace, train: DatasetGroup, valid
         problems = [p for g in groups for p in g.latent_caching_problems()]
         caching.refuse(problems, caching.LATENT_CACHING, caching.LATENT_CACHING_FIX)
     if getattr(args, "cache_text_encoder_outputs", None) or getattr(args, "cache_text_encoder_outputs_to_disk", None):
-        try:
-            problems = [p for g in groups for p in g.text_caching_problems()]
-        except DatasetError:
-            problems = []  # fractional token warm-up: the subset itself is reported below
-            problems += [f"{info.spec.section}: token_warmup_step = {info.spec.token_warmup_step:g}"
-                         for g in groups for ds in g.datasets for info in ds.subsets if info.spec.token_warmup_step > 0]
+        problems = [p for g in groups for p in g.text_caching_problems()]
         caching.refuse(problems, caching.TEXT_CACHING, caching.TEXT_CACHING_FIX)

@@ -214,7 +214,7 @@ def latent_jobs(datasets: list[ImageDataset]) -> dict[tuple[int, int], LatentJob
 @dataclass
 class _Prepared:
     job: LatentJob
-    image: np.ndarray                 # (H,W,3) uint8, converted to [-1,1] floats per batch by torch
+    image: np.ndarray                 # (3,H,W) uint8, converted to [-1,1] floats per batch by torch
     flipped: np.ndarray | None
     alpha: np.ndarray | None          # (H,W) uint8
     stamp: cf.SourceStamp
@@ -229,8 +229,12 @@ def _prepare_latent_input(job: LatentJob) -> _Prepared:
     stamp = cf.stamp_from_bytes(job.image_path, data)
     img = decode_image(job.image_path, want_alpha=job.alpha, data=data, draft_size=job.resized)
     img = resize_and_crop(img, CropPlan(job.resized, job.bucket, *job.crop), job.interpolation)
-    flipped = flip_horizontal(img).rgb if job.flip else None
-    return _Prepared(job, img.rgb, flipped, img.alpha, stamp)
+    flipped = _chw(flip_horizontal(img).rgb) if job.flip else None
+    return _Prepared(job, _chw(img.rgb), flipped, img.alpha, stamp)
+
+
+def _chw(rgb: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
 
 
 def _file_usable(state: cf.CacheFileState, fmt: str, identity: str) -> bool:
@@ -239,12 +243,12 @@ def _file_usable(state: cf.CacheFileState, fmt: str, identity: str) -> bool:
 
 
 def _run_encoder(encoder: LatentCacheEncoder, arrays: list[np.ndarray], device: Any) -> torch.Tensor:
-    """uint8 (H,W,3) images -> encoder((B,3,H,W) float32 in [-1,1]) -> CPU float32. The uint8 ->
+    """uint8 (3,H,W) images -> encoder((B,3,H,W) float32 in [-1,1]) -> CPU float32. The uint8 ->
     float conversion happens after the move to `device` (4x less to transfer, fast on a GPU)."""
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    images = torch.from_numpy(np.stack(arrays))
     if device is not None:
         images = images.to(device, non_blocking=True)
-    images = images.float().div_(127.5).sub_(1.0).contiguous()
+    images = images.float().div_(127.5).sub_(1.0)
     with torch.no_grad():
         out = encoder.encode(images)
     if not isinstance(out, torch.Tensor) or out.ndim < 2 or out.shape[0] != len(arrays):
@@ -395,8 +399,12 @@ class _TextFile:
     wanted: dict[str, str] = field(default_factory=dict)   # key -> caption text
 
 
+_ItemTextRefs = dict[tuple[int, int], dict[str, TextRef]]
+
+
 def _text_files(datasets: list[ImageDataset], options: list[list[CaptionOptions]], suffix: str,
-                to_disk: bool) -> tuple[dict[tuple[int, int], dict[str, TextRef]], dict[str, _TextFile], dict[str, str]]:
+                to_disk: bool) -> tuple[_ItemTextRefs, dict[str, _TextFile], dict[str, str]]:
+    """(refs per item, cache files with the captions each must hold, caption text per key)."""
     refs: dict[tuple[int, int], dict[str, TextRef]] = {}
     files: dict[str, _TextFile] = {}
     captions: dict[str, str] = {}

@@ -291,7 +291,8 @@ def _check_section(section: dict, level: str, where: str, problems: _Problems) -
         elif key in schema.FOREIGN_KEYS:
             problems.add(where, f"'{key}' {schema.FOREIGN_KEYS[key]}")
         elif level == GENERAL and key in ("datasets", "subsets"):
-            problems.add(where, f"'{key}' cannot be inside [general]; write [[{'datasets' if key == 'datasets' else 'datasets.subsets'}]]")
+            table = "datasets" if key == "datasets" else "datasets.subsets"
+            problems.add(where, f"'{key}' cannot be inside [general]; write [[{table}]]")
         else:
             problems.add(where, f"unknown key '{key}'{_suggest(key, level)}")
     return out
@@ -430,8 +431,9 @@ def resolve_config(raw: Any, source: str, *, cli: dict[str, Any], reso_step_mult
         enable_bucket = get("enable_bucket")
         lo, hi = get("min_bucket_reso"), get("max_bucket_reso")
         if step % reso_step_multiple:
+            suggestion = max(reso_step_multiple, step - step % reso_step_multiple)
             problems.add(where, f"bucket_reso_steps = {step} must be a multiple of {reso_step_multiple} "
-                                f"for this model family (try {max(reso_step_multiple, step - step % reso_step_multiple)})")
+                                f"for this model family (try {suggestion})")
         elif any(side % step for side in resolution):
             w, h = resolution
             fix = tuple(max(step, s - s % step) for s in resolution)

@@ -83,8 +83,12 @@ class DatasetGroup:
         """Needed only when token_warmup_step is a fraction (< 1) of the training steps."""
         self._max_train_steps = int(max_train_steps)
 
-    def caption_options(self) -> list[list[CaptionOptions]]:
-        """CaptionOptions per dataset and subset (token warm-up resolved to steps)."""
+    def caption_options(self, *, for_checks: bool = False) -> list[list[CaptionOptions]]:
+        """CaptionOptions per dataset and subset (token warm-up resolved to steps). With
+        `for_checks`, a fractional warm-up whose step count is not known yet only counts as "on"."""
+        max_steps = self._max_train_steps
+        if for_checks and max_steps is None:
+            max_steps = 1 << 30
         out = []
         for ds in self.datasets:
             per = []
@@ -97,7 +101,7 @@ class DatasetGroup:
                     keep_tokens=s.keep_tokens, keep_tokens_separator=s.keep_tokens_separator,
                     secondary_separator=s.secondary_separator, tag_dropout_rate=s.caption_tag_dropout_rate,
                     token_warmup_min=s.token_warmup_min,
-                    token_warmup_step=resolve_token_warmup_step(s.token_warmup_step, self._max_train_steps),
+                    token_warmup_step=resolve_token_warmup_step(s.token_warmup_step, max_steps),
                 ))
             out.append(per)
         return out
@@ -132,7 +136,7 @@ class DatasetGroup:
         return caching.latent_caching_problems(self.datasets)
 
     def text_caching_problems(self) -> list[str]:
-        return caching.text_caching_problems(self.datasets, self.caption_options())
+        return caching.text_caching_problems(self.datasets, self.caption_options(for_checks=True))
 
     # ------------------------------------------------------------------------------ loading
 

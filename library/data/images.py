@@ -243,8 +243,3 @@ def flip_horizontal(image: DecodedImage) -> DecodedImage:
     rgb = np.ascontiguousarray(image.rgb[:, ::-1])
     alpha = None if image.alpha is None else np.ascontiguousarray(image.alpha[:, ::-1])
     return DecodedImage(rgb, alpha)
-
-
-def rgb_to_tensor_array(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1]."""
-    return (rgb.transpose(2, 0, 1).astype(np.float32) / 127.5) - 1.0
