@@ -1,4 +1,6 @@
-"""Tiny random FLUX / Chroma checkpoints in the exact real key layouts, plus full-size builders.
+"""tiny FLUX.1 dev/schnell or Chroma set (DiT, AE, CLIP-L, T5, tokenizers)
+
+Tiny random FLUX / Chroma checkpoints in the exact real key layouts, plus full-size builders.
 
 Tiny sizes keep the real head sizes (DiT 128, CLIP 64, T5 64) so the loaders' size inference
 is exercised exactly as on real files. Weights are random but scaled so activations stay O(1)
@@ -197,3 +199,13 @@ def write_tiny_flux_set(out_dir: str | os.PathLike, *, variant: str = "dev", see
         tokenizer_cache_dir=tiny_tokenizers.write_tokenizer_cache(out / "tokenizers"),
         variant=variant,
     )
+
+
+# ---------------------------------------------------------------- `python -m library.tiny flux`
+
+def add_cli_arguments(parser) -> None:
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="dev")
+
+
+def write_cli(args) -> dict[str, Path | str | None]:
+    return vars(write_tiny_flux_set(args.out, variant=args.variant, seed=args.seed, dtype=args.torch_dtype))
