@@ -54,6 +54,11 @@ class DatasetGroup:
         return sum(ds.num_train_images for ds in self.datasets)
 
     @property
+    def has_alpha_masks(self) -> bool:
+        """Whether batches carry `alpha_masks` (some subset has alpha_mask on)."""
+        return any(info.spec.alpha_mask for ds in self.datasets for info in ds.subsets)
+
+    @property
     def num_reg_images(self) -> int:
         return sum(ds.num_reg_images for ds in self.datasets)
 

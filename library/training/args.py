@@ -76,10 +76,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ddp_timeout", type=int, default=None)
     g.add_argument("--ddp_gradient_as_bucket_view", action="store_true")
     g.add_argument("--ddp_static_graph", action="store_true")
-    g.add_argument("--masked_loss", action="store_true", help="use conditioning masks to weight the loss")
-    g.add_argument("--validate_every_n_steps", type=int, default=None)
-    g.add_argument("--validate_every_n_epochs", type=int, default=None)
-    g.add_argument("--max_validation_steps", type=int, default=None)
+    g.add_argument("--masked_loss", action="store_true",
+                   help="weight the loss per pixel by the images' masks (alpha channel with alpha_mask)")
 
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,10 +134,6 @@ _NOT_YET = [
     ("fp8_base", "--fp8_base is not supported yet. Remove it (train in bf16)."),
     ("fp8_base_unet", "--fp8_base_unet is not supported yet. Remove it (train in bf16)."),
     ("cpu_offload_checkpointing", "--cpu_offload_checkpointing is not supported yet. Remove it."),
-    ("masked_loss", "--masked_loss is not supported yet. Remove it."),
-    ("validate_every_n_steps", "validation loss is not supported yet; remove --validate_every_n_steps."),
-    ("validate_every_n_epochs", "validation loss is not supported yet; remove --validate_every_n_epochs."),
-    ("max_validation_steps", "validation loss is not supported yet; remove --max_validation_steps."),
     ("base_weights", "--base_weights is not supported yet. Merge the LoRA into the model first."),
     ("xformers", "--xformers is not supported for this model: attention uses PyTorch SDPA. Remove it."),
     ("mem_eff_attn", "--mem_eff_attn is for SD 1.x/2.x only. Remove it."),

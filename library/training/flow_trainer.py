@@ -36,6 +36,13 @@ class FlowMatchingTrainer(NetworkTrainer):
         target = fm.loss_target(cfg, latents, noise)
         return NoisyInput(noisy=noisy, timesteps=sigmas * 1000.0, sigmas=sigmas, target=target)
 
+    def noisy_input_at(self, args, latents: torch.Tensor, noise: torch.Tensor, sigma: float) -> NoisyInput:
+        cfg = self.flow_config(args)
+        sigmas = torch.full((latents.shape[0],), float(sigma), device=latents.device)
+        noisy = fm.make_noisy_input(cfg, latents, noise, sigmas)
+        return NoisyInput(noisy=noisy, timesteps=sigmas * 1000.0, sigmas=sigmas,
+                          target=fm.loss_target(cfg, latents, noise))
+
     def model_time(self, sigmas: torch.Tensor) -> torch.Tensor:
         """The time value the network is fed."""
         return 1.0 - sigmas if self.reversed_time else sigmas

@@ -42,13 +42,14 @@ from library.training import args as common_args
 from library.training import checkpoints as ckpt
 from library.training.config_file import parse_args_with_config, write_config_file
 from library.training.file_hashes import BackgroundFileHash
-from library.training.losses import add_loss_arguments, LossConfig, compute_per_sample_loss
+from library.training.losses import add_loss_arguments, LossConfig, compute_per_sample_loss, resize_mask_to_latent
 from library.training.lr_schedulers import add_lr_scheduler_arguments, build_lr_scheduler
 from library.training import metadata as meta_lib
 from library.training.optimizers import add_optimizer_arguments, build_optimizer
 from library.training.sample_gallery import SampleRow, write_gallery
 from library.training.sample_prompts import SamplePrompt, load_sample_prompts
 from library.training.step_metrics import LaggedScalar, is_bad_loss
+from library.training import validation as val_lib
 
 
 @dataclass
@@ -94,6 +95,11 @@ class RunState:
     sample_rows: list[SampleRow] = field(default_factory=list)
     metrics_file: Path | None = None
     optimizer_info: object = None           # BuiltOptimizer: name, description, schedule-free flag
+    val_loader: object = None               # EpochLoader over the validation split, or None
+    last_val_loss: float | None = None
+    last_val_step: int | None = None
+    progress: object = None                 # the tqdm bar
+    postfix: dict = field(default_factory=dict)   # what the bar shows after the step count
 
 
 class NetworkTrainer:
@@ -114,6 +120,10 @@ class NetworkTrainer:
 
     def noisy_input(self, args, latents: torch.Tensor, noise: torch.Tensor) -> NoisyInput:
         raise NotImplementedError(f"{type(self).__name__} must implement noisy_input")
+
+    def noisy_input_at(self, args, latents: torch.Tensor, noise: torch.Tensor, sigma: float) -> NoisyInput:
+        """Like noisy_input, at one fixed noise level σ in (0, 1) for the whole batch (validation)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement noisy_input_at")
 
     def denoise(self, args, models: FamilyModels, noisy: NoisyInput, text: dict) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement denoise")
@@ -163,6 +173,7 @@ class NetworkTrainer:
         add_optimizer_arguments(parser)
         add_lr_scheduler_arguments(parser)
         add_loss_arguments(parser)
+        val_lib.add_validation_arguments(parser)
         meta_lib.add_metadata_arguments(parser)
         self.add_family_arguments(parser)
         return parser
@@ -197,10 +208,14 @@ class NetworkTrainer:
 
         train_group, val_group = build_datasets(args, reso_step_multiple=self.reso_step_multiple,
                                                 default_resolution=self.default_resolution)
-        if val_group is not None:
-            raise ConfigError("validation_split is set in the dataset config, but validation loss is not "
-                              "supported yet; remove validation_split.")
+        val_lib.check_validation_args(args, val_group is not None)
+        if args.masked_loss and not train_group.has_alpha_masks:
+            raise ConfigError("--masked_loss needs masks: set alpha_mask = true in the dataset config's subsets "
+                              "(or pass --alpha_mask) so the images' alpha channel becomes the loss mask. "
+                              "Mask images from conditioning_data_dir are not supported yet.")
         print(train_group.report())
+        if val_group is not None:
+            print("validation set:\n" + val_group.report())
         if args.dataset_report:
             return None
 
@@ -208,8 +223,10 @@ class NetworkTrainer:
         # hashing a 22 GB checkpoint takes ~30 s: do it beside the run, not before it
         self._model_hash = BackgroundFileHash(args.pretrained_model_name_or_path)
         models = self.load_models(args, device, weight_dtype)
-        self.cache(args, models, train_group, device)
-        state = self.prepare_run(args, accelerator, device, weight_dtype, models, train_group)
+        for group in (train_group, val_group):
+            if group is not None:
+                self.cache(args, models, group, device)
+        state = self.prepare_run(args, accelerator, device, weight_dtype, models, train_group, val_group)
         self.loop(state)
         return self.finish(state)
 
@@ -253,7 +270,8 @@ class NetworkTrainer:
             print(network.load_weights(args.network_weights))
         return network
 
-    def prepare_run(self, args, accelerator, device, weight_dtype, models: FamilyModels, group) -> RunState:
+    def prepare_run(self, args, accelerator, device, weight_dtype, models: FamilyModels, group,
+                    val_group=None) -> RunState:
         network = self.create_network(args, models)
         network.to(device)
         if args.full_bf16:
@@ -292,7 +310,8 @@ class NetworkTrainer:
         base_version, family_meta, modelspec_info = self.metadata_extras(args, models)
         metadata = meta_lib.training_metadata(
             args, session_id=session_id, training_started_at=started, num_train_images=group.num_train_images,
-            num_reg_images=group.num_reg_images, num_validation_images=0,
+            num_reg_images=group.num_reg_images,
+            num_validation_images=val_group.num_train_images if val_group is not None else 0,
             num_batches_per_epoch=len(loader), num_epochs=num_epochs, optimizer_description=opt.description,
             base_model_version=base_version, dataset_metadata=group.metadata(),
             network_module=args.network_module, network_dim=args.network_dim, network_alpha=args.network_alpha,
@@ -306,6 +325,10 @@ class NetworkTrainer:
                          steps_per_epoch=steps_per_epoch, metadata=metadata, session_id=session_id,
                          metrics_file=Path(args.output_dir) / f"{args.output_name or 'training'}_log.jsonl",
                          optimizer_info=opt)
+        if val_group is not None:
+            # its own seed: the validation batches never depend on the training seed's data order
+            state.val_loader = val_group.loader(seed=self.validation_seed(args), num_workers=0,
+                                                pin_memory=device.type == "cuda")
         if args.sample_prompts:
             state.sample_prompts = load_sample_prompts(args.sample_prompts)
             state.sample_conds = self.encode_prompts_for_sampling(args, models, state.sample_prompts, device)
@@ -339,6 +362,7 @@ class NetworkTrainer:
 
         progress = tqdm(total=state.max_steps, initial=state.global_step, desc="steps", smoothing=0,
                         disable=not acc.is_main_process, dynamic_ncols=True)
+        state.progress = progress
         losses = LaggedScalar(state.device)
         recent: list[float] = []
         if args.sample_at_first and state.global_step == 0:
@@ -374,19 +398,71 @@ class NetworkTrainer:
         progress.close()
 
     def training_step(self, state: RunState, batch: dict) -> torch.Tensor:
-        args, device = state.args, state.device
         latents = self.batch_latents(state, batch)
         text = self.batch_text(state, batch)
-        state.network.set_multiplier(float(batch["network_multipliers"][0]))
         noise = torch.randn_like(latents)
-        noisy = self.noisy_input(args, latents, noise)
+        noisy = self.noisy_input(state.args, latents, noise)
+        return self.batch_loss(state, batch, noisy, text)
+
+    def batch_loss(self, state: RunState, batch: dict, noisy: NoisyInput, text: dict) -> torch.Tensor:
+        """The loss of one batch at the given noisy input (training and validation alike)."""
+        args, device = state.args, state.device
+        state.network.set_multiplier(float(batch["network_multipliers"][0]))
         with state.accelerator.autocast():
             model_pred = self.denoise(args, state.models, noisy, text)
         pred, weighting = self.loss_terms(args, model_pred.float(), noisy)
         per_sample = compute_per_sample_loss(
             self._loss_config, pred, noisy.target.float(), timesteps=noisy.timesteps, sigmas=noisy.sigmas,
-            weighting=weighting, mask=None, loss_weights=batch["loss_weights"].to(device))
+            weighting=weighting, mask=self.loss_mask(state, batch, pred),
+            loss_weights=batch["loss_weights"].to(device))
         return per_sample.mean()
+
+    def loss_mask(self, state: RunState, batch: dict, pred: torch.Tensor) -> torch.Tensor | None:
+        """The per-pixel loss mask at latent size: the alpha channel when alpha_mask is on (sd-scripts
+        applies it with or without --masked_loss), else none."""
+        masks = batch.get("alpha_masks")
+        if masks is None:
+            return None
+        return resize_mask_to_latent(masks.to(state.device, non_blocking=True), tuple(pred.shape[-2:]))
+
+    # ---- validation ---------------------------------------------------------------------------
+    @staticmethod
+    def validation_seed(args) -> int:
+        return args.validation_seed if args.validation_seed is not None else args.seed
+
+    def validate(self, state: RunState) -> float:
+        """Mean loss over the validation batches at the fixed noise levels (see validation.py)."""
+        args = state.args
+        limit = args.max_validation_steps or len(state.val_loader)
+        seed = self.validation_seed(args)
+        total, count = 0.0, 0
+        with preserved_rng(state.device), self.eval_mode(state), torch.no_grad():
+            for index, batch in enumerate(state.val_loader.epoch(1)):
+                if index >= limit:
+                    break
+                latents = self.batch_latents(state, batch)
+                text = self.batch_text(state, batch)
+                noise = val_lib.validation_noise(latents, seed, index)
+                for sigma in val_lib.VALIDATION_SIGMAS:
+                    noisy = self.noisy_input_at(args, latents, noise, sigma)
+                    total += float(self.batch_loss(state, batch, noisy, text))
+                    count += 1
+        return total / max(count, 1)
+
+    def run_validation(self, state: RunState) -> None:
+        if state.last_val_step == state.global_step:   # e.g. a step multiple that is also an epoch end
+            return
+        value = self.validate(state)
+        state.last_val_loss, state.last_val_step = value, state.global_step
+        if not state.accelerator.is_main_process:
+            return
+        with open(state.metrics_file, "a") as f:
+            f.write(json.dumps({"step": state.global_step, "epoch": state.epoch + 1, "val_loss": value}) + "\n")
+        if state.accelerator.log_with:
+            state.accelerator.log({"loss/validation": value}, step=state.global_step)
+        state.postfix["val_loss"] = f"{value:.4f}"
+        if state.progress is not None:
+            state.progress.set_postfix(state.postfix)
 
     def batch_latents(self, state: RunState, batch: dict) -> torch.Tensor:
         if "latents" in batch:
@@ -434,10 +510,13 @@ class NetworkTrainer:
                 if state.accelerator.log_with:
                     state.accelerator.log({"loss/current": value, "lr/unet": lr}, step=step)
         del recent[:-100]
-        progress.set_postfix(loss=f"{ready[-1][1]:.4f}", avr_loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr:.2e}")
+        state.postfix.update(loss=f"{ready[-1][1]:.4f}", avr_loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr:.2e}")
+        progress.set_postfix(state.postfix)
 
     def after_step(self, state: RunState, batches_done: int) -> None:
         args, step = state.args, state.global_step
+        if state.val_loader is not None and val_lib.should_validate_at_step(args, step):
+            self.run_validation(state)
         if args.sample_every_n_steps and step % args.sample_every_n_steps == 0 and not args.sample_every_n_epochs:
             self.sample(state, label_step=step)
         if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < state.max_steps:
@@ -450,6 +529,8 @@ class NetworkTrainer:
 
     def after_epoch(self, state: RunState, epoch: int) -> None:
         args = state.args
+        if state.val_loader is not None and val_lib.should_validate_at_epoch(args, epoch):
+            self.run_validation(state)
         if args.sample_every_n_epochs and epoch % args.sample_every_n_epochs == 0:
             self.sample(state, label_epoch=epoch)
         if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < state.num_epochs:
