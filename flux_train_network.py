@@ -23,7 +23,9 @@ from library.autoencoders import load_flux_ae
 from library.text_encoders import file_fingerprint
 from library.training.flow_trainer import FlowMatchingTrainer
 from library.training.flow_matching import add_flow_matching_arguments
-from library.training.trainer import FamilyModels, NoisyInput
+from library.training.trainer import FamilyModels, NoisyInput, parse_network_args
+from networks.lora_flux import CLIP_L_INDEX, T5_INDEX
+from networks.network_args import parse_bool
 
 ARCHITECTURES = {"dev": "flux-1-dev", "schnell": "flux-1-schnell", "chroma": "chroma"}
 IMPLEMENTATIONS = {"flux": "https://github.com/black-forest-labs/flux",
@@ -87,10 +89,14 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
         if args.split_mode:
             problems.append("--split_mode is deprecated and block swap is not supported yet: remove it")
         text_cached = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
-        if not args.network_train_unet_only:
-            problems.append("text-encoder LoRA is not supported yet: add --network_train_unet_only")
-        if text_cached and not args.network_train_unet_only:
-            problems.append("--cache_text_encoder_outputs cannot be used while training a text-encoder LoRA")
+        trains_t5 = not args.network_train_unet_only and parse_bool_arg(args.network_args, "train_t5xxl")
+        if text_cached and trains_t5:
+            problems.append("--cache_text_encoder_outputs cannot be used while training a T5-XXL LoRA "
+                            "(train_t5xxl=True): T5 must run live. Remove one of them (CLIP-L LoRA alone can "
+                            "use cached T5 outputs).")
+        if args.model_type == "chroma" and args.network_train_text_encoder_only and not trains_t5:
+            problems.append("--network_train_text_encoder_only with Chroma trains nothing: Chroma has no CLIP-L; "
+                            'add --network_args "train_t5xxl=True" to train a T5-XXL LoRA')
         if args.v2 if hasattr(args, "v2") else False:
             problems.append("--v2 is for SD 2.x, not FLUX")
         if problems:
@@ -123,6 +129,24 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
             if encoder is not None:
                 encoder.to(device)
         return FluxTextCacheEncoder(text)
+
+    def encode_text_for_training(self, args, models, captions, cached, trained, device):
+        """CLIP-L (index 0) and T5 (index 1) run live when trained; otherwise their cached outputs
+        are used when there are some, else they run without gradients."""
+        text = models.extra["text"]
+
+        def part(index: int, run, cached_value):
+            if index not in trained and cached_value is not None:
+                return cached_value
+            with torch.set_grad_enabled(index in trained and torch.is_grad_enabled()):
+                return run()
+
+        t5_out, mask = part(T5_INDEX, lambda: text.encode_t5(captions),
+                            (cached["t5_out"], cached["t5_attn_mask"]) if cached is not None else None)
+        l_pooled = part(CLIP_L_INDEX, lambda: text.encode_clip_pooled(captions),
+                        cached["l_pooled"] if cached is not None else None)
+        return {"l_pooled": l_pooled.to(device), "t5_out": t5_out.to(device), "t5_attn_mask": mask.to(device),
+                "txt_ids": flux_sampling.prepare_txt_ids(len(captions), t5_out.shape[1], device=device)}
 
     def block_lists(self, models):
         return [models.denoiser.double_blocks, models.denoiser.single_blocks]
@@ -166,6 +190,15 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
                      "implementation": IMPLEMENTATIONS[args.model_type], "prediction_type": None,
                      "default_resolution": 1024}
         return ("chroma" if variant == "chroma" else "flux1"), family, modelspec
+
+
+def parse_bool_arg(network_args: list[str] | None, key: str) -> bool:
+    """A boolean --network_args value as the network module reads it ("True"/"False", ...)."""
+    value = parse_network_args(network_args).get(key)
+    try:
+        return value is not None and parse_bool(value)
+    except ValueError as e:
+        raise ConfigError(f"--network_args {key}={value}: {e}") from e
 
 
 def main(argv: list[str] | None = None) -> int:

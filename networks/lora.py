@@ -51,8 +51,9 @@ class LayerRef:
     module: nn.Module
     text_encoder_index: int | None = None
 
-    def target(self, rank: int, alpha: float | None, lr: float | None = None) -> LoRATarget:
-        return LoRATarget(self.lora_name, self.module, rank, alpha, lr, self.text_encoder_index)
+    def target(self, rank: int, alpha: float | None, lr: float | None = None,
+               split_dims: tuple[int, ...] | None = None) -> LoRATarget:
+        return LoRATarget(self.lora_name, self.module, rank, alpha, lr, self.text_encoder_index, split_dims)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class LoRATarget:
     alpha: float | None
     lr: float | None = None
     text_encoder_index: int | None = None
+    # split_qkv: the output rows are these parts (e.g. q, k, v), each with its own rank-`rank`
+    # LoRA; the module then holds one LoRA of rank len(parts) * rank with a block-diagonal up.
+    split_dims: tuple[int, ...] | None = None
 
 
 def to_lora_name(prefix: str, module_path: str) -> str:
@@ -143,15 +147,34 @@ class LoRAModule(nn.Module):
 
         y = base(x) + up(down(dropout(x))) * multiplier * alpha / rank
 
-    and `restore()` puts the original forward back."""
+    and `restore()` puts the original forward back.
+
+    split_dims (split_qkv): n separate LoRAs of rank r for n row blocks of the output (q, k, v,
+    ...). Stored as ONE LoRA of rank n*r whose up matrix is block-diagonal (part j's up in rows
+    of part j, columns j*r..(j+1)*r) and alpha n*alpha: exactly the fused layout any loader
+    reads, at the trained strength (alpha/rank = n*alpha / (n*r)). The forward only multiplies
+    the diagonal blocks, so the off-diagonal entries get no gradient and stay zero.
+
+    ggpo_sigma / ggpo_beta (LoRA-GGPO): while training, add x @ P^T with P ~ N(0, 1) of the base
+    weight's shape, each row scaled by (sigma * ||W + dW||_row + beta * ||grad dW||_row^2) /
+    sqrt(out). The norms are refreshed by `update_ggpo_norms()` after each backward."""
 
     def __init__(self, lora_name: str, base: nn.Module, rank: int, alpha: float | torch.Tensor | None, *,
                  multiplier: float = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
                  module_dropout: float | None = None, lr: float | None = None,
-                 text_encoder_index: int | None = None):
+                 text_encoder_index: int | None = None, split_dims: tuple[int, ...] | None = None,
+                 ggpo_sigma: float | None = None, ggpo_beta: float | None = None):
         super().__init__()
         if rank < 1:
             raise ValueError(f"{lora_name}: rank must be >= 1, got {rank}")
+        self.split_dims = tuple(split_dims) if split_dims else None
+        if self.split_dims is not None:
+            if not isinstance(base, nn.Linear) or sum(self.split_dims) != base.out_features:
+                raise ValueError(f"{lora_name}: split dims {self.split_dims} do not add up to the layer's "
+                                 f"{getattr(base, 'out_features', '?')} outputs")
+            parts = len(self.split_dims)
+            rank = rank * parts
+            alpha = None if alpha is None or float(alpha) == 0.0 else float(alpha) * parts
         self.lora_name = lora_name
         self.rank = rank
         # LoRA weights are always created as float32 on the CPU, whatever the base layer's
@@ -183,6 +206,9 @@ class LoRAModule(nn.Module):
         self.module_dropout = module_dropout
         self.lr = lr
         self.text_encoder_index = text_encoder_index
+        self.ggpo_sigma, self.ggpo_beta = ggpo_sigma, ggpo_beta
+        self._ggpo_scale: torch.Tensor | None = None     # (out, 1) per-row perturbation scale, once known
+        self._base_row_norm: torch.Tensor | None = None  # mean row norm of the frozen weight
         # Stored outside nn.Module's registry: the base layer's weights must not become
         # parameters, buffers or state_dict entries of the LoRA.
         object.__setattr__(self, "base", base)
@@ -239,7 +265,67 @@ class LoRAModule(nn.Module):
 
     def _up(self, lx: torch.Tensor) -> torch.Tensor:
         w = self.lora_up.weight.to(lx.dtype)
+        if self.split_dims is not None:
+            return torch.cat([F.linear(lx[..., cols], w[rows, cols]) for rows, cols in self._split_blocks()], dim=-1)
         return F.conv2d(lx, w) if isinstance(self.lora_up, nn.Conv2d) else F.linear(lx, w)
+
+    def _split_blocks(self) -> list[tuple[slice, slice]]:
+        """(output rows, rank columns) of each split part's block of the up matrix."""
+        r = self.rank // len(self.split_dims)
+        blocks, start = [], 0
+        for j, size in enumerate(self.split_dims):
+            blocks.append((slice(start, start + size), slice(j * r, (j + 1) * r)))
+            start += size
+        return blocks
+
+    def _up_weight(self, **to) -> torch.Tensor:
+        """The up matrix as the forward uses it (off-diagonal blocks zero for split_qkv)."""
+        w = self.lora_up.weight.to(**to)
+        return w if self.split_dims is None else self._mask_blocks(w)
+
+    def check_split_layout(self, source: str) -> None:
+        """A loaded up matrix must be block-diagonal for a split_qkv module."""
+        if self.split_dims is not None and not torch.equal(self.lora_up.weight, self._up_weight()):
+            raise ModelFileError(f"{source}: {self.lora_name} has a full (not block-diagonal) up matrix, so it "
+                                 "was not trained with split_qkv=True; remove split_qkv from --network_args")
+
+    # -- LoRA-GGPO ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_ggpo_norms(self) -> None:
+        """Per-row perturbation scale from the combined weight's norm and the LoRA gradient."""
+        if self.ggpo_sigma is None or self.ggpo_beta is None:
+            return
+        up, down = self.lora_up.weight, self.lora_down.weight
+        if up.grad is None or down.grad is None:
+            return
+        if self._base_row_norm is None:
+            # exact mean row norm of the frozen weight (sd-scripts estimates it from 1000 sampled rows)
+            self._base_row_norm = self.base.weight.detach().float().flatten(1).norm(dim=1).mean().to(up.device)
+        up32, down32 = self._up_weight(dtype=torch.float32).flatten(1), down.float().flatten(1)
+        delta = (up32 @ down32) * self.scale
+        combined = torch.sqrt(self._base_row_norm ** 2 + delta.pow(2).sum(dim=1, keepdim=True))
+        grad_up = up.grad.float().flatten(1)
+        if self.split_dims is not None:
+            grad_up = self._mask_blocks(grad_up)
+        approx_grad = self.scale * (up32 @ down.grad.float().flatten(1) + grad_up @ down32)
+        grad_norm = approx_grad.norm(dim=1, keepdim=True)
+        out_features = up.shape[0]
+        self._ggpo_scale = (self.ggpo_sigma * combined + self.ggpo_beta * grad_norm ** 2) / math.sqrt(out_features)
+
+    def _mask_blocks(self, w: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(w)
+        for rows, cols in self._split_blocks():
+            out[rows, cols] = w[rows, cols]
+        return out
+
+    def _ggpo_perturbation(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self._ggpo_scale is None or not self.training or not isinstance(self.base, nn.Linear):
+            return None
+        with torch.no_grad():
+            noise = torch.randn(self.base.weight.shape, device=x.device, dtype=x.dtype)
+            noise.mul_(self._ggpo_scale.to(x.device, x.dtype))
+            return F.linear(x, noise)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self._org_forward(x, *args, **kwargs)
@@ -262,12 +348,14 @@ class LoRAModule(nn.Module):
             lx = lx * keep.to(lx.dtype)
             scale = scale / (1.0 - self.rank_dropout)  # keep the expected output unchanged
         delta = self._up(lx)
-        return out + (delta * (self.multiplier * scale)).to(out.dtype)
+        out = out + (delta * (self.multiplier * scale)).to(out.dtype)
+        perturbation = self._ggpo_perturbation(x)
+        return out if perturbation is None else out + perturbation.to(out.dtype)
 
     @torch.no_grad()
     def delta_weight(self, device: torch.device | str | None = None) -> torch.Tensor:
         """alpha/rank * up @ down in float32, shaped like the base weight (multiplier excluded)."""
-        up = self.lora_up.weight.to(device=device, dtype=torch.float32).flatten(1)  # (out, r)
+        up = self._up_weight(device=device, dtype=torch.float32).flatten(1)  # (out, r)
         down = self.lora_down.weight.to(device=device, dtype=torch.float32).flatten(1)  # (r, in*kh*kw)
         return (up @ down).reshape(self.base.weight.shape) * self.scale
 
@@ -333,8 +421,11 @@ class LoRANetwork(nn.Module):
     def __init__(self, targets: Sequence[LoRATarget], *, family: str, multiplier: float = 1.0,
                  dropout: float | None = None, rank_dropout: float | None = None,
                  module_dropout: float | None = None, loraplus: LoRAPlusRatios | None = None,
-                 verbose: bool = False):
+                 verbose: bool = False, ggpo_sigma: float | None = None, ggpo_beta: float | None = None):
         super().__init__()
+        if (ggpo_sigma is None) != (ggpo_beta is None):
+            raise ConfigError("LoRA-GGPO needs both ggpo_sigma and ggpo_beta in --network_args "
+                              "(e.g. ggpo_sigma=0.03 ggpo_beta=0.01)")
         if not targets:
             raise ConfigError(
                 f"no {family} layer was selected for LoRA: every candidate got rank 0 or was left out. "
@@ -352,7 +443,8 @@ class LoRANetwork(nn.Module):
             self.add_module(t.lora_name, LoRAModule(
                 t.lora_name, t.module, t.rank, t.alpha, multiplier=self.multiplier, dropout=dropout,
                 rank_dropout=rank_dropout, module_dropout=module_dropout, lr=t.lr,
-                text_encoder_index=t.text_encoder_index))
+                text_encoder_index=t.text_encoder_index, split_dims=t.split_dims,
+                ggpo_sigma=ggpo_sigma, ggpo_beta=ggpo_beta))
         self._dropped: set[str] = set()  # left out by apply_to (their weights are not trained or saved)
         self._applied = False
         self._merged = False
@@ -537,6 +629,13 @@ class LoRANetwork(nn.Module):
     def on_step_start(self) -> None:
         """Hook for networks that need per-step work; plain LoRA needs none."""
 
+    def before_optimizer_step(self) -> None:
+        """Called after the backward pass(es), before the optimizer step: LoRA-GGPO reads the
+        gradients here to scale the next steps' perturbations."""
+        for m in self.loras:
+            if m.ggpo_sigma is not None:
+                m.update_ggpo_norms()
+
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm_value: float, device: torch.device | str) -> NormStats:
         """--scale_weight_norms: scale up and down by sqrt(ratio) so that each module's
@@ -621,6 +720,8 @@ class LoRANetwork(nn.Module):
             state[f"{name}.lora_up.weight"] = sd[f"{name}.lora_up.weight"]
             state[f"{name}.alpha"] = torch.tensor(saved[name].alpha, dtype=torch.float32)
         self.load_state_dict(state, strict=True)
+        for mod in own.values():
+            mod.check_split_layout(label)
         if ignored:
             logger.warning("%s: %d text-encoder LoRA modules in the file are not trained in this run and "
                            "will not be in the saved file (e.g. %s)", label, len(ignored), ignored[0])

@@ -6,8 +6,11 @@ optimizer groups live in networks/lora.py.
 Targets: every Linear in the double and single blocks (304 modules on FLUX.1, 228 on Chroma,
 which has no modulation layers), named after the BFL checkpoint keys, e.g.
 `lora_unet_double_blocks_0_img_attn_qkv`. `in_dims` adds the input embedders. CLIP-L LoRA
-modules (`lora_te1_...`) are created when a CLIP-L model is given; they are only trained
-and saved when the trainer applies the text encoder part.
+modules (`lora_te1_...`) are created when a CLIP-L model is given, T5-XXL ones (`lora_te3_...`)
+with `train_t5xxl=True`; they are only trained and saved when the trainer applies the text
+encoder part. `split_qkv=True` gives q, k, v (and the single blocks' MLP input) LoRAs of their
+own, saved in the fused layout (see networks/lora.py LoRAModule). `ggpo_sigma`/`ggpo_beta`
+turn on LoRA-GGPO.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from library.errors import ConfigError, ModelFileError
 from networks.lora import (LayerRef, LoRANetwork, LoRAPlusRatios, LoRATarget, apply_reg_lrs, find_layers,
                            hf_clip_path_prefix, layer_at, load_lora_state_dict, mismatch_message,
                            read_lora_modules, targets_from_weights)
-from networks.network_args import (COMMON_LORA_ARGS, ArgSpec, false_only, last_match, parse_block_selection,
-                                   parse_choice, parse_network_args, parse_rank, parse_rank_list, refused)
+from networks.network_args import (COMMON_LORA_ARGS, ArgSpec, last_match, parse_block_selection, parse_bool,
+                                   parse_choice, parse_network_args, parse_non_negative_float, parse_rank,
+                                   parse_rank_list, refused)
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +61,6 @@ IN_LAYERS = (
     ("txt_in", ("txt_in",)),
 )
 
-_NOT_YET = "is not supported yet"
 FLUX_ARGS: tuple[ArgSpec, ...] = COMMON_LORA_ARGS + (
     ArgSpec("train_blocks", parse_choice("all", "single", "double"), "which block kind gets LoRA"),
     *(ArgSpec(key, parse_rank, f"rank for layers matching {'+'.join(subs)} (0 = none)") for key, subs in TYPE_DIMS),
@@ -66,13 +69,13 @@ FLUX_ARGS: tuple[ArgSpec, ...] = COMMON_LORA_ARGS + (
     ArgSpec("train_single_block_indices", parse_block_selection, '"all", "none" or e.g. 0,2,5-8'),
     ArgSpec("conv_dim", refused("FLUX and Chroma have no convolution layers; remove conv_dim"), "refused"),
     ArgSpec("conv_alpha", refused("FLUX and Chroma have no convolution layers; remove conv_alpha"), "refused"),
-    ArgSpec("split_qkv", false_only(f"split_qkv=True {_NOT_YET}; remove it"), "only False for now"),
-    ArgSpec("train_t5xxl", false_only(f"T5-XXL LoRA (train_t5xxl=True) {_NOT_YET}; remove it"), "only False for now"),
-    ArgSpec("ggpo_sigma", refused(f"LoRA-GGPO {_NOT_YET}; remove ggpo_sigma"), "refused for now"),
-    ArgSpec("ggpo_beta", refused(f"LoRA-GGPO {_NOT_YET}; remove ggpo_beta"), "refused for now"),
+    ArgSpec("split_qkv", parse_bool, "separate LoRAs for q, k, v (and the single blocks' MLP input)"),
+    ArgSpec("train_t5xxl", parse_bool, "also create T5-XXL LoRA modules (lora_te3_)"),
+    ArgSpec("ggpo_sigma", parse_non_negative_float, "LoRA-GGPO weight-norm factor (with ggpo_beta)"),
+    ArgSpec("ggpo_beta", parse_non_negative_float, "LoRA-GGPO gradient-norm factor (with ggpo_sigma)"),
 )
 # Keys that shape the module set / ranks: meaningless when the file decides them.
-RANK_KEYS = {"train_blocks", "in_dims", "train_double_block_indices", "train_single_block_indices",
+RANK_KEYS = {"train_blocks", "in_dims", "split_qkv", "train_double_block_indices", "train_single_block_indices",
              "network_reg_dims", *(key for key, _ in TYPE_DIMS)}
 
 
@@ -115,6 +118,18 @@ def _text_encoder_layers(text_encoders: Any, indices: Sequence[int]) -> list[Lay
     return layers
 
 
+def _split_dims(kind: str, layer: LayerRef) -> tuple[int, ...] | None:
+    """Row blocks of the fused projections (from the layer sizes, so tiny models split too):
+    double-block qkv = q, k, v; single-block linear1 = q, k, v, MLP input."""
+    module = layer.module
+    if kind == "double" and layer.lora_name.endswith("_attn_qkv"):
+        return (module.out_features // 3,) * 3
+    if kind == "single" and layer.lora_name.endswith("_linear1"):
+        hidden = module.in_features
+        return (hidden, hidden, hidden, module.out_features - 3 * hidden)
+    return None
+
+
 def _type_rank(lora_name: str, args: Mapping[str, Any], default: int) -> int:
     for key, substrings in TYPE_DIMS:
         if key in args and all(s in lora_name for s in substrings):
@@ -145,27 +160,29 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     }
     train_blocks = args.get("train_blocks", "all")
 
-    candidates: list[tuple[LayerRef, int]] = []  # (layer, rank before network_reg_dims)
+    split_qkv = args.get("split_qkv", False)
+    candidates: list[tuple[LayerRef, int, tuple[int, ...] | None]] = []  # (layer, rank before reg dims, split)
     for kind, index, layer in block_layers:
         if train_blocks not in ("all", kind):
             continue
         rank = _type_rank(layer.lora_name, args, dim) if index in selected[kind] else 0
-        candidates.append((layer, rank))
+        candidates.append((layer, rank, _split_dims(kind, layer) if split_qkv else None))
     if "in_dims" in args:
         for (name, _), rank in zip(IN_LAYERS, args["in_dims"]):
-            candidates += [(layer, rank) for layer in _in_layers(flux, name)]
-    candidates += [(layer, dim) for layer in _text_encoder_layers(text_encoders, [CLIP_L_INDEX])]
+            candidates += [(layer, rank, None) for layer in _in_layers(flux, name)]
+    te_indices = [CLIP_L_INDEX, T5_INDEX] if args.get("train_t5xxl", False) else [CLIP_L_INDEX]
+    candidates += [(layer, dim, None) for layer in _text_encoder_layers(text_encoders, te_indices)]
 
     targets: list[LoRATarget] = []
     skipped: list[str] = []
-    for layer, rank in candidates:
+    for layer, rank, split in candidates:
         # network_reg_dims comes last and wins over per-type ranks and block selection.
         rule = last_match(reg_dims, layer.lora_name)
         rank = rule.value if rule is not None else rank
         if rank == 0:
             skipped.append(layer.lora_name)
         else:
-            targets.append(layer.target(rank, alpha))
+            targets.append(layer.target(rank, alpha, split_dims=split))
     if skipped and args.get("verbose"):
         logger.info("%d layers skipped (rank 0): %s", len(skipped), ", ".join(skipped))
 
@@ -173,6 +190,7 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
         apply_reg_lrs(targets, args.get("network_reg_lrs")), family=FAMILY, multiplier=multiplier,
         dropout=neuron_dropout, rank_dropout=args.get("rank_dropout"), module_dropout=args.get("module_dropout"),
         loraplus=_loraplus(args), verbose=args.get("verbose", False),
+        ggpo_sigma=args.get("ggpo_sigma"), ggpo_beta=args.get("ggpo_beta"),
     )
 
 
@@ -210,6 +228,8 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
         rank_dropout=None if for_inference else args.get("rank_dropout"),
         module_dropout=None if for_inference else args.get("module_dropout"),
         loraplus=_loraplus(args), verbose=args.get("verbose", False),
+        ggpo_sigma=None if for_inference else args.get("ggpo_sigma"),
+        ggpo_beta=None if for_inference else args.get("ggpo_beta"),
     )
     if for_inference:
         network.requires_grad_(False)

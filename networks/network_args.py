@@ -94,6 +94,13 @@ def parse_positive_float(value: Any) -> float:
     return out
 
 
+def parse_non_negative_float(value: Any) -> float:
+    out = _parse_float(value)
+    if out < 0:
+        raise ValueError("expected a number >= 0")
+    return out
+
+
 def parse_probability(value: Any) -> float | None:
     """A dropout probability in [0, 1); 0 means off (returned as None)."""
     p = _parse_float(value)

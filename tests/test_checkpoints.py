@@ -34,9 +34,10 @@ def test_nan_loss_stops_with_the_step(tmp_path):
         epoch = 0
         lr_scheduler = type("S", (), {"get_last_lr": lambda self: [1e-4]})()
         accelerator = type("A", (), {"log_with": None})()
+        postfix: dict = {}
 
     class Bar:
-        def set_postfix(self, **_):
+        def set_postfix(self, *_, **__):
             pass
 
     NetworkTrainer().report_losses(State(), [(1, 0.5)], [], Bar())

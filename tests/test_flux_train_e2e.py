@@ -41,18 +41,16 @@ def model_args(paths) -> list[str]:
             "--t5xxl", str(paths.t5xxl), "--ae", str(paths.ae), "--tokenizer_cache_dir", str(paths.tokenizer_cache_dir)]
 
 
-def train(setup, out: Path, *extra: str, dataset: Path | None = None) -> subprocess.CompletedProcess:
+def train(setup, out: Path, *extra: str, dataset: Path | None = None, cache_latents: bool = True,
+          cache_text: bool = True, unet_only: bool = True) -> subprocess.CompletedProcess:
     base, paths, ds, prompts = setup
-    extra = list(extra)
-    caching = ["--cache_latents"]
-    if "--no_cache_latents" in extra:   # test-only switch: train from decoded images
-        extra.remove("--no_cache_latents")
-        caching = []
     cmd = [sys.executable, str(ROOT / "flux_train_network.py"), *model_args(paths),
            "--dataset_config", str(dataset or ds),
            "--output_dir", str(out), "--output_name", "tiny", "--network_module", "networks.lora_flux",
-           "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "2e-3", "--network_train_unet_only",
-           *caching, "--cache_text_encoder_outputs", "--t5xxl_max_token_length", "16",
+           "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "2e-3",
+           *(["--network_train_unet_only"] if unet_only else []),
+           *(["--cache_latents"] if cache_latents else []),
+           *(["--cache_text_encoder_outputs"] if cache_text else []), "--t5xxl_max_token_length", "16",
            "--timestep_sampling", "shift", "--discrete_flow_shift", "3.1582", "--model_prediction_type", "raw",
            "--guidance_scale", "1.0", "--seed", "3", "--max_data_loader_n_workers", "0", *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -91,8 +91,7 @@ def test_transparent_images_contribute_no_loss(setup, tmp_path, cache):  # noqa:
     images = write_rgba_dataset(tmp_path / "rgba", alpha=0)
     ds = write_dataset_toml(tmp_path / "ds.toml", f'[[datasets]]\nresolution = 128\nbatch_size = 2\n'
                             f'[[datasets.subsets]]\nimage_dir = "{images.as_posix()}"\nalpha_mask = true\n')
-    extra = [] if cache else ["--no_cache_latents"]
-    result = train(setup, tmp_path / "out", "--max_train_steps", "4", "--masked_loss", *extra, dataset=ds)
+    result = train(setup, tmp_path / "out", "--max_train_steps", "4", "--masked_loss", dataset=ds, cache_latents=cache)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [r["loss"] for r in records(tmp_path / "out") if "loss" in r] == [0.0] * 4
     with safe_open(str(tmp_path / "out" / "tiny.safetensors"), "pt") as f:

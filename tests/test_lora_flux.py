@@ -257,11 +257,16 @@ def test_unknown_args_are_refused_with_the_nearest_key():
         create(tiny(), train_double_blocks_indices="0")
 
 
-@pytest.mark.parametrize("key, value", [("split_qkv", "True"), ("train_t5xxl", "True"), ("ggpo_sigma", "0.03"),
-                                        ("ggpo_beta", "0.01")])
-def test_later_features_are_refused_as_not_supported_yet(key, value):
-    with pytest.raises(ConfigError, match="not supported yet"):
+@pytest.mark.parametrize("key, value, message", [("split_qkv", "yes please", "split_qkv"),
+                                                 ("ggpo_sigma", "-1", "ggpo_sigma")])
+def test_bad_feature_values_are_refused(key, value, message):
+    with pytest.raises(ConfigError, match=message):
         create(tiny(), **{key: value})
+
+
+def test_ggpo_needs_both_values():
+    with pytest.raises(ConfigError, match="needs both ggpo_sigma and ggpo_beta"):
+        create(tiny(), ggpo_sigma="0.03")
 
 
 def test_defaults_spelled_out_are_accepted_and_conv_dim_is_refused():
@@ -303,6 +308,138 @@ def test_clip_l_targets_use_the_checkpoint_names_and_are_dropped_when_not_traine
     network.apply_to(apply_text_encoder=False, apply_unet=True)
     assert not any(k.startswith("lora_te") for k in network.state_dict())
     assert len(network.loras) == 29
+
+
+def test_train_t5xxl_adds_t5_modules_with_the_te3_prefix():
+    network = create(tiny(), text_encoders=[tiny_clip(), tiny_t5()], train_t5xxl="True")
+    t5 = sorted(m.lora_name for m in network.text_encoder_loras if m.lora_name.startswith("lora_te3_"))
+    expected = sorted(f"lora_te3_encoder_block_{i}_layer_{n}" for i in range(2)
+                      for n in ("0_SelfAttention_q", "0_SelfAttention_k", "0_SelfAttention_v", "0_SelfAttention_o",
+                                "1_DenseReluDense_wi_0", "1_DenseReluDense_wi_1", "1_DenseReluDense_wo"))
+    assert t5 == expected
+    assert {m.text_encoder_index for m in network.text_encoder_loras} == {0, 1}
+    params, descriptions = network.prepare_optimizer_params([1e-4, 1e-5], None, 1e-3)
+    assert sorted((d, g["lr"]) for d, g in zip(descriptions, params)) == [
+        ("textencoder 1", 1e-4), ("textencoder 2", 1e-5), ("unet", 1e-3)]
+
+
+# ---------------------------------------------------------------------------------------- split_qkv
+
+
+def randomize(network, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in network.loras:
+            m.lora_down.weight.copy_(torch.randn(m.lora_down.weight.shape, generator=g))
+            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=g))
+            m.lora_up.weight.copy_(m._up_weight())   # a split module's up is block-diagonal
+
+
+def test_split_qkv_is_separate_loras_per_part_saved_fused_at_the_trained_strength(tmp_path):
+    flux = tiny()
+    network = create(flux, dim=2, alpha=1.0, split_qkv="True")
+    qkv = network.lora_unet_double_blocks_0_img_attn_qkv
+    linear1 = network.lora_unet_single_blocks_0_linear1
+    assert qkv.split_dims == (16, 16, 16) and qkv.rank == 6 and float(qkv.alpha) == 3.0
+    assert linear1.split_dims == (16, 16, 16, 64) and linear1.rank == 8 and float(linear1.alpha) == 4.0
+    assert network.lora_unet_double_blocks_0_img_attn_proj.split_dims is None
+    randomize(network)
+    network.apply_to(apply_text_encoder=False, apply_unet=True)
+
+    # the forward equals n independent rank-2 LoRAs (alpha 1) on the row blocks
+    x = torch.randn(3, 16)
+    base = flux.double_blocks[0].img_attn.qkv
+    down, up = qkv.lora_down.weight, qkv.lora_up.weight
+    parts = [up[16 * j:16 * (j + 1), 2 * j:2 * (j + 1)] @ down[2 * j:2 * (j + 1)] * (1.0 / 2) for j in range(3)]
+    expected = x @ (base.weight + torch.cat(parts)).T + base.bias
+    torch.testing.assert_close(base(x), expected)
+
+    # saved fused (down (3r, in), block-diagonal up, alpha 3x) and reloaded as a plain LoRA: same output
+    network.save_weights(tmp_path / "split.safetensors", None, {})
+    from safetensors.torch import load_file
+    sd = load_file(tmp_path / "split.safetensors")
+    assert sd["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (6, 16)
+    assert sd["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].shape == (48, 6)
+    assert float(sd["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 3.0
+    network.restore()
+    plain, _ = lora_flux.create_network_from_weights(1.0, tmp_path / "split.safetensors", None, None, flux)
+    plain.load_weights(tmp_path / "split.safetensors")
+    plain.apply_to(apply_text_encoder=False, apply_unet=True)
+    torch.testing.assert_close(base(x), expected)
+    plain.restore()
+
+    # merge equals inject, and a split network reloads its own file
+    again = create(flux, dim=2, alpha=1.0, split_qkv="True")
+    again.load_weights(tmp_path / "split.safetensors")
+    again.merge_to()
+    torch.testing.assert_close(base(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_split_qkv_gradients_stay_on_the_diagonal_blocks():
+    flux = tiny()
+    network = create(flux, dim=2, split_qkv="True")
+    randomize(network)
+    network.apply_to(apply_text_encoder=False, apply_unet=True)
+    flux.single_blocks[0].linear1(torch.randn(4, 16)).square().sum().backward()
+    m = network.lora_unet_single_blocks_0_linear1
+    grad = m.lora_up.weight.grad
+    assert torch.equal(grad, m._mask_blocks(grad)) and grad.abs().sum() > 0
+
+
+def test_a_full_lora_file_is_refused_by_a_split_network(tmp_path):
+    flux = tiny()
+    full = create(flux, dim=6)
+    randomize(full)
+    sd = {k: v for k, v in full.state_dict().items()}
+    split = create(flux, dim=2, split_qkv="True")
+    sd = {k: v for k, v in sd.items() if k.split(".")[0] in {m.lora_name for m in split.loras}
+          and split.get_submodule(k.split(".")[0]).rank == 6}
+    with pytest.raises(ModelFileError, match="not block-diagonal"):
+        split.load_weights({**split.state_dict(), **sd})
+
+
+# ---------------------------------------------------------------------------------------- LoRA-GGPO
+
+
+def test_ggpo_perturbation_follows_its_formula():
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 6)
+    network = lora_flux.create_network(1.0, 2, 1.0, None, None, _one_layer_flux(layer),
+                                       ggpo_sigma="0.5", ggpo_beta="2.0")
+    m = network.loras[0]
+    randomize(network)
+    network.apply_to(apply_text_encoder=False, apply_unet=True)
+    x = torch.randn(5, 8)
+    lora_out = layer(x)                 # no norms yet: no perturbation on the first step
+    lora_out.square().sum().backward()
+    network.before_optimizer_step()
+
+    up, down = m.lora_up.weight.detach(), m.lora_down.weight.detach()
+    delta = up @ down * m.scale
+    combined = torch.sqrt(layer.weight.norm(dim=1).mean() ** 2 + delta.pow(2).sum(dim=1, keepdim=True))
+    grad = m.scale * (up @ m.lora_down.weight.grad + m.lora_up.weight.grad @ down)
+    scale = (0.5 * combined + 2.0 * grad.norm(dim=1, keepdim=True) ** 2) / 6 ** 0.5
+    torch.testing.assert_close(m._ggpo_scale, scale)
+
+    with torch.no_grad():
+        torch.manual_seed(7)
+        perturbed = layer(x)
+        torch.manual_seed(7)
+        noise = torch.randn(6, 8) * scale
+    torch.testing.assert_close(perturbed, lora_out.detach() + x @ noise.T)
+    network.eval()                      # evaluation (sampling, validation, saving): no perturbation
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), lora_out.detach())
+
+
+def _one_layer_flux(layer):
+    """A minimal model with the FLUX block lists around one Linear (GGPO is a per-layer feature)."""
+    flux = nn.Module()
+    block = nn.Module()
+    block.linear2 = layer
+    flux.double_blocks = nn.ModuleList()
+    flux.single_blocks = nn.ModuleList([block])
+    return flux
 
 
 # ---------------------------------------------------------------------------------------- from weights

@@ -93,23 +93,29 @@ class FluxTextEncoding:
 
     def encode(self, captions: list[str]) -> FluxTextOutputs:
         """Gradients flow if the caller enables them (text-encoder training)."""
-        t5_device = _device_of(self.t5)
-        if self.clip_l is not None:
-            clip_ids = self.clip_tokenizer(captions, padding="max_length", max_length=CLIP_MAX_LENGTH,
-                                           truncation=True, return_tensors="pt").input_ids
-            l_pooled = self.clip_l(clip_ids.to(_device_of(self.clip_l))).pooler_output
-        else:
-            l_pooled = torch.zeros(len(captions), self.clip_width, device=t5_device, dtype=_dtype_of(self.t5))
+        t5_out, mask = self.encode_t5(captions)
+        return FluxTextOutputs(
+            l_pooled=self.encode_clip_pooled(captions).to(t5_out.device),
+            t5_out=t5_out,
+            txt_ids=prepare_txt_ids(len(captions), t5_out.shape[1], device=t5_out.device),
+            t5_attn_mask=mask,
+        )
 
+    def encode_clip_pooled(self, captions: list[str]) -> Tensor:
+        """(B, 768) CLIP-L pooled output; zeros for Chroma (no CLIP-L)."""
+        if self.clip_l is None:
+            return torch.zeros(len(captions), self.clip_width, device=_device_of(self.t5), dtype=_dtype_of(self.t5))
+        clip_ids = self.clip_tokenizer(captions, padding="max_length", max_length=CLIP_MAX_LENGTH,
+                                       truncation=True, return_tensors="pt").input_ids
+        return self.clip_l(clip_ids.to(_device_of(self.clip_l))).pooler_output
+
+    def encode_t5(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """(T5 last hidden state (B, L, 4096), token mask (B, L))."""
+        t5_device = _device_of(self.t5)
         input_ids, mask = self.tokenize_t5(captions)
         input_ids, mask = input_ids.to(t5_device), mask.to(t5_device)
         t5_out = self.t5(input_ids, attention_mask=mask if self.apply_t5_attn_mask else None).last_hidden_state
-        return FluxTextOutputs(
-            l_pooled=l_pooled.to(t5_device),
-            t5_out=t5_out,
-            txt_ids=prepare_txt_ids(len(captions), t5_out.shape[1], device=t5_device),
-            t5_attn_mask=mask,
-        )
+        return t5_out, mask
 
     @torch.no_grad()
     def encode_for_cache(self, captions: list[str]) -> list[dict[str, Tensor]]:

@@ -138,8 +138,6 @@ _NOT_YET = [
     ("xformers", "--xformers is not supported for this model: attention uses PyTorch SDPA. Remove it."),
     ("mem_eff_attn", "--mem_eff_attn is for SD 1.x/2.x only. Remove it."),
     ("full_fp16", "--full_fp16 is not supported yet; use --mixed_precision bf16 (or --full_bf16)."),
-    ("network_train_text_encoder_only",
-     "--network_train_text_encoder_only is not supported yet (text-encoder LoRA arrives later)."),
 ]
 
 
@@ -164,6 +162,9 @@ def check_common_args(args: argparse.Namespace) -> None:
         problems.append("--network_dim must be at least 1")
     if args.full_bf16 and args.mixed_precision != "bf16":
         problems.append("--full_bf16 needs --mixed_precision bf16")
+    if args.network_train_unet_only and args.network_train_text_encoder_only:
+        problems.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other: "
+                        "give one (or neither, to train both)")
     if args.dim_from_weights and not args.network_weights:
         problems.append("--dim_from_weights needs --network_weights")
     if args.skip_until_initial_step and args.initial_step is None and args.initial_epoch is None:

@@ -98,6 +98,7 @@ class RunState:
     val_loader: object = None               # EpochLoader over the validation split, or None
     last_val_loss: float | None = None
     last_val_step: int | None = None
+    trained_text_encoders: frozenset = frozenset()   # indices of text encoders with LoRA modules
     progress: object = None                 # the tqdm bar
     postfix: dict = field(default_factory=dict)   # what the bar shows after the step count
 
@@ -151,6 +152,13 @@ class NetworkTrainer:
     def block_lists(self, models: FamilyModels) -> list[torch.nn.ModuleList]:
         """The denoiser's lists of transformer blocks (compiled one by one with --torch_compile)."""
         return []
+
+    def encode_text_for_training(self, args, models: FamilyModels, captions: list[str], cached: dict | None,
+                                 trained: frozenset, device: torch.device) -> dict:
+        """Text-encoder LoRA training: run the trained encoders (indices in `trained`) on the
+        captions with gradients and return the same dict as a cached batch. `cached` holds the
+        frozen encoders' outputs when they are cached (it may be None): reuse those parts."""
+        raise NotImplementedError(f"{type(self).__name__} does not support text-encoder LoRA training yet")
 
     def encode_prompts_for_sampling(self, args, models: FamilyModels, prompts: list[SamplePrompt],
                                     device: torch.device) -> dict:
@@ -264,8 +272,8 @@ class NetworkTrainer:
             network = module.create_network(1.0, args.network_dim, args.network_alpha, models.vae,
                                             models.text_encoders, models.denoiser,
                                             neuron_dropout=args.network_dropout, **net_kwargs)
-        train_te = not args.network_train_unet_only
-        network.apply_to(models.text_encoders, models.denoiser, apply_text_encoder=train_te, apply_unet=True)
+        network.apply_to(models.text_encoders, models.denoiser, apply_text_encoder=not args.network_train_unet_only,
+                         apply_unet=not args.network_train_text_encoder_only)
         if args.network_weights:
             print(network.load_weights(args.network_weights))
         return network
@@ -273,6 +281,7 @@ class NetworkTrainer:
     def prepare_run(self, args, accelerator, device, weight_dtype, models: FamilyModels, group,
                     val_group=None) -> RunState:
         network = self.create_network(args, models)
+        trained_tes = frozenset(m.text_encoder_index for m in network.text_encoder_loras)
         network.to(device)
         if args.full_bf16:
             network.to(torch.bfloat16)
@@ -324,7 +333,7 @@ class NetworkTrainer:
                          lr_scheduler=lr_scheduler, num_epochs=num_epochs, max_steps=max_steps,
                          steps_per_epoch=steps_per_epoch, metadata=metadata, session_id=session_id,
                          metrics_file=Path(args.output_dir) / f"{args.output_name or 'training'}_log.jsonl",
-                         optimizer_info=opt)
+                         optimizer_info=opt, trained_text_encoders=trained_tes)
         if val_group is not None:
             # its own seed: the validation batches never depend on the training seed's data order
             state.val_loader = val_group.loader(seed=self.validation_seed(args), num_workers=0,
@@ -332,7 +341,9 @@ class NetworkTrainer:
         if args.sample_prompts:
             state.sample_prompts = load_sample_prompts(args.sample_prompts)
             state.sample_conds = self.encode_prompts_for_sampling(args, models, state.sample_prompts, device)
-        self.after_caching(args, models, device)
+        self.after_caching(args, models, device, keep=trained_tes)
+        if trained_tes:
+            self.text_encoding(args, models, device)   # puts the encoders on the device
         if accelerator.is_main_process:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             tracker_config = {k: v for k, v in vars(args).items() if k != "wandb_api_key"} if args.log_config else {}
@@ -341,14 +352,15 @@ class NetworkTrainer:
                                           config={k: str(v) for k, v in tracker_config.items()})
         return state
 
-    def after_caching(self, args, models: FamilyModels, device) -> None:
-        """Free what the cache made unnecessary (encoders whose outputs are all cached)."""
+    def after_caching(self, args, models: FamilyModels, device, keep: frozenset = frozenset()) -> None:
+        """Free what the cache made unnecessary (encoders whose outputs are all cached, except the
+        trained ones in `keep`)."""
         if args.cache_latents or args.cache_latents_to_disk:
             if models.vae is not None and not args.sample_prompts:
                 models.vae.to("cpu")
         if args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk:
-            for te in models.text_encoders:
-                if te is not None:
+            for index, te in enumerate(models.text_encoders):
+                if te is not None and index not in keep:
                     te.to("cpu")
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -472,8 +484,13 @@ class NetworkTrainer:
             return encoder.encode(batch["images"]).to(state.device)
 
     def batch_text(self, state: RunState, batch: dict) -> dict:
-        if "text" in batch:
-            return {k: v.to(state.device, non_blocking=True) for k, v in batch["text"].items()}
+        cached = {k: v.to(state.device, non_blocking=True) for k, v in batch["text"].items()} if "text" in batch else None
+        if state.trained_text_encoders:
+            with state.accelerator.autocast():
+                return self.encode_text_for_training(state.args, state.models, batch["captions"], cached,
+                                                     state.trained_text_encoders, state.device)
+        if cached is not None:
+            return cached
         encoder = self.text_encoding(state.args, state.models, state.device)
         with torch.no_grad():
             return stack_text_outputs(encoder.encode(batch["captions"]), state.device)
@@ -486,6 +503,7 @@ class NetworkTrainer:
             for p in params:
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, reduction="mean")
+        state.network.before_optimizer_step()
         if args.max_grad_norm and args.max_grad_norm > 0:
             acc.clip_grad_norm_(params, args.max_grad_norm)
         state.optimizer.step()
@@ -618,6 +636,8 @@ class NetworkTrainer:
         tag = f"e{label_epoch:06d}" if label_epoch is not None else f"{label_step:06d}"
         row = SampleRow(label=f"epoch {label_epoch}" if label_epoch is not None else f"step {label_step}")
         with preserved_rng(state.device), self.eval_mode(state):
+            if state.trained_text_encoders:
+                self.refresh_sample_conds(state)
             for prompt in state.sample_prompts:
                 with torch.no_grad(), state.accelerator.autocast():
                     image = self.generate_sample(args, state.models, prompt, state.sample_conds,
@@ -630,6 +650,16 @@ class NetworkTrainer:
         state.sample_rows.append(row)
         write_gallery(sample_dir, args.output_name or "samples", [p.prompt for p in state.sample_prompts],
                       state.sample_rows, state.metrics_file)
+
+    def refresh_sample_conds(self, state: RunState) -> None:
+        """With text-encoder LoRA the prompts' encodings change as it trains: re-encode the trained
+        encoders' parts (the frozen parts come from the encodings made at start)."""
+        texts = list(state.sample_conds)
+        before = stack_text_outputs([state.sample_conds[t] for t in texts], state.device)
+        with torch.no_grad(), state.accelerator.autocast():
+            now = self.encode_text_for_training(state.args, state.models, texts, before,
+                                                state.trained_text_encoders, state.device)
+        state.sample_conds = {t: {k: v[i] for k, v in now.items()} for i, t in enumerate(texts)}
 
     @contextmanager
     def eval_mode(self, state: RunState):
