@@ -2,6 +2,8 @@
 
     python benchmarks/bench_flux_train.py --device cuda --steps 40          # FLUX.1-dev, 1024x1024
     python benchmarks/bench_flux_train.py --tiny --device cpu --steps 3     # quick check on CPU
+    python benchmarks/bench_flux_train.py --variant chroma                  # Chroma (T5 mask applied)
+    python benchmarks/bench_flux_train.py --train_text_encoders clip_l+t5   # + CLIP-L and T5-XXL LoRA
 
 The step is the trainer's own code (FluxNetworkTrainer.noisy_input / denoise / loss_terms, the
 shared loss, LoRA from networks.lora_flux, the optimizer builder), fed with synthetic cached
@@ -42,6 +44,28 @@ def useful_flops(params, img_tokens: int, txt_tokens: int) -> float:
     return 2 * forward
 
 
+def build_text_encoders(a, device: torch.device, dtype: torch.dtype):
+    """Random CLIP-L and T5-XXL (full size unless --tiny) made directly on the device."""
+    import tempfile
+
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from library import text_encoders as te
+    from library.flux.text import FluxTextEncoding
+    from library.tiny import tokenizers as tiny_tok
+    from library.tiny.flux import tiny_clip_config_overrides, tiny_t5_config_overrides
+
+    with torch.device(device):
+        clip = te.wrap_clip_text_model(CLIPTextModel(te.clip_l_config(
+            **(tiny_clip_config_overrides() if a.tiny else {})))).to(dtype).eval()
+        t5 = T5EncoderModel(te.t5xxl_config(**(tiny_t5_config_overrides() if a.tiny else {}))).to(dtype).eval()
+    for model in (clip, t5):
+        model.requires_grad_(False)
+    cache = tiny_tok.write_tokenizer_cache(Path(tempfile.mkdtemp()) / "tokenizers")
+    return FluxTextEncoding(te.load_clip_l_tokenizer(cache), te.load_t5xxl_tokenizer(cache), clip, t5, a.t5_len,
+                            apply_t5_attn_mask=a.variant == "chroma")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -54,13 +78,17 @@ def main() -> None:
     ap.add_argument("--peak_tflops", type=float, default=790.0, help="measured bf16 matmul peak of the GPU")
     ap.add_argument("--optimizer", default="AdamW")
     ap.add_argument("--compile", action="store_true", help="--torch_compile: compile each block")
+    ap.add_argument("--variant", choices=["dev", "chroma"], default="dev")
+    ap.add_argument("--train_text_encoders", choices=["none", "clip_l", "clip_l+t5"], default="none",
+                    help="also train text-encoder LoRA (live encoding; T5 outputs cached with clip_l alone)")
     a = ap.parse_args()
 
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    params = tiny_flux_params("dev") if a.tiny else VARIANTS["dev"].params
+    chroma = a.variant == "chroma"
+    params = tiny_flux_params(a.variant) if a.tiny else VARIANTS[a.variant].params
     t0 = time.perf_counter()
-    dit = build_flux_model(params, device=device, dtype=dtype)
+    dit = build_flux_model(params, device=device, dtype=dtype, chroma=chroma)
     dit.requires_grad_(False)
     build_s = time.perf_counter() - t0
     if not a.no_grad_ckpt:
@@ -69,13 +97,18 @@ def main() -> None:
     trainer = FluxNetworkTrainer()
     args = trainer.build_parser().parse_args([
         "--timestep_sampling", "shift", "--discrete_flow_shift", "3.1582", "--model_prediction_type", "raw",
-        "--guidance_scale", "1.0", "--mixed_precision", "bf16" if dtype == torch.bfloat16 else "no"])
+        "--guidance_scale", "0.0" if chroma else "1.0", "--mixed_precision", "bf16" if dtype == torch.bfloat16 else "no",
+        *(["--apply_t5_attn_mask"] if chroma else [])])
     trainer._loss_config = trainer.loss_config(args)
-    models = FamilyModels(denoiser=dit, text_encoders=[None, None], vae=None,
-                          info=type("Info", (), {"variant": "dev"})())
+    trained_tes = {"none": frozenset(), "clip_l": frozenset({0}), "clip_l+t5": frozenset({0, 1})}[a.train_text_encoders]
+    text_encoding = build_text_encoders(a, device, dtype) if trained_tes else None
+    encoders = [text_encoding.clip_l, text_encoding.t5] if text_encoding else [None, None]
+    models = FamilyModels(denoiser=dit, text_encoders=encoders, vae=None,
+                          info=type("Info", (), {"variant": a.variant})(), extra={"text": text_encoding})
 
-    network = lora_flux.create_network(1.0, a.rank, a.rank, None, [None, None], dit)
-    network.apply_to(apply_text_encoder=False, apply_unet=True)
+    network = lora_flux.create_network(1.0, a.rank, a.rank, None, encoders, dit,
+                                       train_t5xxl=str(1 in trained_tes))
+    network.apply_to(apply_text_encoder=bool(trained_tes), apply_unet=True)
     network.to(device)
     if a.compile:
         compile_blocks(trainer.block_lists(models), "inductor")
@@ -89,10 +122,16 @@ def main() -> None:
             "txt_ids": torch.zeros(1, a.t5_len, 3, device=device),
             "t5_attn_mask": torch.ones(1, a.t5_len, dtype=torch.long, device=device)}
 
+    captions = ["a photograph of a cat sitting on a wooden table next to a window, soft morning light"]
+
     def step() -> torch.Tensor:
         noisy = trainer.noisy_input(args, latents, torch.randn_like(latents))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            pred = trainer.denoise(args, models, noisy, text)
+            conds = text
+            if trained_tes:   # CLIP-L alone: T5 outputs come from the "cache" (as in the loop)
+                cached = text if trained_tes == frozenset({0}) else None
+                conds = trainer.encode_text_for_training(args, models, captions, cached, trained_tes, device)
+            pred = trainer.denoise(args, models, noisy, conds)
         p, w = trainer.loss_terms(args, pred.float(), noisy)
         loss = compute_per_sample_loss(trainer._loss_config, p, noisy.target.float(), timesteps=noisy.timesteps,
                                        sigmas=noisy.sigmas, weighting=w, mask=None,
@@ -119,7 +158,8 @@ def main() -> None:
     img_tokens = (lat_hw // 2) ** 2
     flops = useful_flops(params, img_tokens, a.t5_len)
     out = {
-        "model": "tiny" if a.tiny else "flux1-dev", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "model": ("tiny-" if a.tiny else "") + ("chroma" if chroma else "flux1-dev"),
+        "train_text_encoders": a.train_text_encoders, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "size": a.size, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt, "compile": a.compile,
         "build_s": round(build_s, 2), "median_s": round(med, 4), "p90_s": round(p90, 4),
         "steps": a.steps, "useful_tflop_per_step": round(flops / 1e12, 1),

@@ -1,11 +1,44 @@
 #!/usr/bin/env bash
 # One device call: everything that needs CUDA, logs to $OUT. Usage on the GPU machine:
-#   bash benchmarks/gpu_session.sh
+#   bash benchmarks/gpu_session.sh [base|features|all]
+#     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
+#     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 set -uo pipefail
+WHAT=${1:-all}
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch,transformers,accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)" | tee -a "$OUT/gpu.txt"
+
+if [ "$WHAT" = features ] || [ "$WHAT" = all ]; then
+  echo "== full-size Chroma and text-encoder LoRA steps (1024x1024, rank 16, bf16, grad ckpt)"
+  for extra in "--variant chroma" "--train_text_encoders clip_l" "--train_text_encoders clip_l+t5"; do
+    python3 benchmarks/bench_flux_train.py --device cuda --steps 25 $extra 2>&1 | tail -1 | tee -a "$OUT/bench_features.jsonl"
+  done
+  echo "== CUDA bf16 e2e: Chroma, and FLUX + CLIP-L + T5 LoRA with validation and masked loss (tiny models)"
+  F=/tmp/feat; rm -rf $F; python3 -m library.tiny flux --variant chroma --out $F/chroma > /dev/null
+  python3 -m library.tiny flux --variant dev --out $F/dev > /dev/null
+  python3 -c "from library.tiny.images import write_shapes_dataset; write_shapes_dataset('$F/images', 12)"
+  printf '[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 128\nbatch_size = 2\nvalidation_split = 0.25\n[[datasets.subsets]]\nimage_dir = "%s"\n' "$F/images" > $F/ds.toml
+  COMMON="--dataset_config $F/ds.toml --network_module networks.lora_flux --network_dim 8 --network_alpha 8 \
+    --learning_rate 2e-3 --max_train_steps 40 --mixed_precision bf16 --gradient_checkpointing --cache_latents \
+    --t5xxl_max_token_length 32 --timestep_sampling shift --discrete_flow_shift 3.1582 --model_prediction_type raw \
+    --validate_every_n_steps 20 --seed 1"
+  C=$F/chroma
+  python3 flux_train_network.py --model_type chroma --pretrained_model_name_or_path $C/chroma-tiny.safetensors \
+    --t5xxl $C/t5xxl.safetensors --ae $C/ae.safetensors --tokenizer_cache_dir $C/tokenizers $COMMON \
+    --guidance_scale 0.0 --network_train_unet_only --cache_text_encoder_outputs --output_dir $F/out_chroma \
+    --output_name chroma > "$OUT/e2e_chroma.log" 2>&1
+  echo "chroma rc=$?" | tee -a "$OUT/e2e_chroma.log"
+  D=$F/dev
+  python3 flux_train_network.py --pretrained_model_name_or_path $D/flux1-dev-tiny.safetensors --clip_l $D/clip_l.safetensors \
+    --t5xxl $D/t5xxl.safetensors --ae $D/ae.safetensors --tokenizer_cache_dir $D/tokenizers $COMMON --guidance_scale 1.0 \
+    --network_args train_t5xxl=True split_qkv=True --text_encoder_lr 1e-3 5e-4 --output_dir $F/out_te --output_name te \
+    > "$OUT/e2e_te.log" 2>&1
+  echo "te-lora rc=$?" | tee -a "$OUT/e2e_te.log"
+  cp $F/out_chroma/chroma_log.jsonl $F/out_te/te_log.jsonl "$OUT/" 2>/dev/null
+  [ "$WHAT" = features ] && exit 0
+fi
 
 echo "== full-size FLUX.1-dev LoRA step (TARGETS setting)" | tee "$OUT/bench.jsonl.log"
 python3 benchmarks/bench_flux_train.py --device cuda --steps 30 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"
