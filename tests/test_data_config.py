@@ -361,11 +361,17 @@ def test_structure_errors():
 
 def test_styles_and_required_keys():
     msg = problems('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\n[[datasets.subsets]]\n'
-                   'metadata_file = "m.json"\n[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n'
-                   '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "b"\nconditioning_data_dir = "c"\n')
+                   'metadata_file = "m.json"\n[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n')
     assert "datasets[0]: mixes DreamBooth subsets" in msg
     assert "datasets[1].subsets[0]: needs image_dir" in msg
-    assert "'conditioning_data_dir': ControlNet-style datasets are not supported yet" in msg
+
+
+def test_conditioning_data_dir_must_be_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    msg = problems('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nconditioning_data_dir = "masks"\n',
+                   check_paths=True)
+    assert "conditioning_data_dir 'masks' is not a folder" in msg
 
 
 def test_missing_folder_is_reported(tmp_path, monkeypatch):

@@ -130,3 +130,25 @@ def test_two_resolutions_with_disk_caches(setup, tmp_path):  # noqa: F811
     with safe_open(str(caches[0]), "pt") as f:
         shapes = {tuple(f.get_tensor(k).shape[-2:]) for k in f.keys() if k.startswith("latents:")}
     assert len(shapes) == 2 and max(shapes)[0] == 2 * min(shapes)[0]   # one entry per resolution
+
+
+def test_mask_images_from_conditioning_data_dir(setup, tmp_path):  # noqa: F811
+    """Black mask images (red 0): the loss is exactly 0 whether latents are cached or not."""
+    images = write_shapes_dataset(tmp_path / "imgs", count=4)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for png in images.glob("*.png"):
+        Image.new("RGB", (32, 32), (0, 255, 255)).save(masks / png.name)   # any size; only red counts
+    ds = write_dataset_toml(tmp_path / "ds.toml", f'[[datasets]]\nresolution = 128\nbatch_size = 2\n'
+                            f'[[datasets.subsets]]\nimage_dir = "{images.as_posix()}"\n'
+                            f'conditioning_data_dir = "{masks.as_posix()}"\n')
+    for cache in (True, False):
+        out = tmp_path / f"out{cache}"
+        result = train(setup, out, "--max_train_steps", "2", "--masked_loss", dataset=ds, cache_latents=cache)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert [r["loss"] for r in records(out) if "loss" in r] == [0.0, 0.0]
+    result = train(setup, tmp_path / "x", "--max_train_steps", "2", dataset=ds)
+    assert result.returncode == 2 and "only the masked loss uses: add --masked_loss" in result.stdout
+    (masks / "shape_000.png").unlink()
+    result = train(setup, tmp_path / "y", "--max_train_steps", "2", "--masked_loss", dataset=ds)
+    assert result.returncode == 2 and "1 images have no mask image of the same name" in result.stdout

@@ -83,11 +83,12 @@ class BatchBuilder:
         self.latents = latents
         self.text = text
         self.any_alpha = any(info.spec.alpha_mask for ds in datasets for info in ds.subsets)
+        self.any_mask_images = any(info.spec.conditioning_data_dir for ds in datasets for info in ds.subsets)
 
     def build(self, ref: BatchRef) -> Batch:
         ds = self.datasets[ref.dataset]
         captions, loss_weights, paths, sizes, crops, attrs, flips = [], [], [], [], [], [], []
-        pixels, latents, alphas, texts = [], [], [], []
+        pixels, latents, alphas, texts, masks = [], [], [], [], []
         for slot in ref.slots:
             item = ds.items[slot.item]
             sub = ds.subsets[item.subset_index].spec
@@ -96,6 +97,7 @@ class BatchBuilder:
             caption = process_caption(item.caption, self.caption_options[ref.dataset][item.subset_index],
                                       caption_rng, epoch=ref.epoch, step=ref.step)
             flip = sub.flip_aug and image_rng.random() < 0.5
+            plan = None
             if self.latents is not None:
                 lat, alpha = self.latents.get(ref.dataset, slot.item, flip)
                 latents.append(lat)
@@ -113,6 +115,10 @@ class BatchBuilder:
                 if self.any_alpha:
                     alphas.append(torch.from_numpy(img.alpha.astype(np.float32) / 255.0) if img.alpha is not None
                                   else torch.ones(ref.bucket[1], ref.bucket[0]))
+            if self.any_mask_images:
+                # the mask follows the image's resize, crop and flip (cached latents: centre crop)
+                plan = plan or plan_crop(item.resized, item.bucket, None)
+                masks.append(mask_from_image(item.mask_path, plan, flip, ref.bucket))
             if self.text is not None:
                 texts.append(self.text.get(ref.dataset, slot.item, caption))
             captions.append(caption)
@@ -140,9 +146,22 @@ class BatchBuilder:
             batch["images"] = images_to_unit_range(pixels)
         if self.any_alpha:
             batch["alpha_masks"] = stack([a.float() for a in alphas])
+        if self.any_mask_images:
+            batch["conditioning_masks"] = stack(masks)
         if self.text is not None:
             batch["text"] = _stack_text(texts, paths)
         return batch
+
+
+def mask_from_image(path: str | None, plan, flip: bool, bucket: tuple[int, int]) -> torch.Tensor:
+    """(H, W) float32 in [0, 1] from a mask image's red channel, resized and cropped like its
+    image; all ones for an image of a subset without mask images."""
+    if path is None:
+        return torch.ones(bucket[1], bucket[0])
+    img = resize_and_crop(decode_image(path, want_alpha=False), plan, None)
+    if flip:
+        img = flip_horizontal(img)
+    return torch.from_numpy(img.rgb[..., 0].astype(np.float32) / 255.0)
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -67,6 +67,7 @@ class SubsetSpec:
     caption_tag_dropout_rate: float
     validation_split: float
     validation_seed: int | None
+    conditioning_data_dir: str | None = None
 
     @property
     def is_dreambooth(self) -> bool:
@@ -497,6 +498,10 @@ def _resolve_subset(ss_raw: dict, chain: list[dict], cli: dict, defaults: dict, 
         if image_dir is not None and not os.path.isdir(image_dir):
             problems.add(where, f"image_dir '{image_dir}' is not a folder (relative paths start from the "
                                 f"current directory {os.getcwd()})")
+        cond_dir = ss_raw.get("conditioning_data_dir")
+        if cond_dir is not None and not os.path.isdir(cond_dir):
+            problems.add(where, f"conditioning_data_dir '{cond_dir}' is not a folder (relative paths start from "
+                                f"the current directory {os.getcwd()})")
         if metadata_file is not None and not os.path.isfile(metadata_file):
             problems.add(where, f"metadata_file '{metadata_file}' not found (relative paths start from the "
                                 f"current directory {os.getcwd()})")
@@ -508,6 +513,7 @@ def _resolve_subset(ss_raw: dict, chain: list[dict], cli: dict, defaults: dict, 
         metadata_file=metadata_file,
         is_reg=ss_raw.get("is_reg", False) if metadata_file is None else False,
         alpha_mask=get("alpha_mask"),
+        conditioning_data_dir=ss_raw.get("conditioning_data_dir"),
         class_tokens=get("class_tokens"),
         caption_extension=get("caption_extension"),
         cache_info=get("cache_info"),

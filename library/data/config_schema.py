@@ -157,7 +157,8 @@ _SPECS = [
        "use the alpha channel as the loss mask"),
     _k("metadata_file", "str", SUBSET_ONLY, None, None, _non_empty,
        "fine-tuning style: JSON/JSONL with captions"),
-    _k("conditioning_data_dir", "str", SUBSET_ONLY, None, None, None, "ControlNet conditioning images"),
+    _k("conditioning_data_dir", "str", SUBSET_ONLY, None, None, _non_empty,
+       "mask images named like the images (red channel: 255 = train, 0 = ignore) for --masked_loss"),
 ]
 
 KEYS: dict[str, KeySpec] = {s.name: s for s in _SPECS}
@@ -176,7 +177,6 @@ CLI_ONLY: dict[str, str] = {
 UNSUPPORTED: dict[str, str] = {
     "face_crop_aug_range": "face-centred crop augmentation is not supported yet; remove it "
                            "(random_crop is the closest alternative)",
-    "conditioning_data_dir": "ControlNet-style datasets are not supported yet; remove the subset",
 }
 
 # Keys found in sd-scripts forks or newer versions that we do not implement yet.

@@ -59,6 +59,11 @@ class DatasetGroup:
         return any(info.spec.alpha_mask for ds in self.datasets for info in ds.subsets)
 
     @property
+    def has_mask_images(self) -> bool:
+        """Whether batches carry `conditioning_masks` (some subset has conditioning_data_dir)."""
+        return any(info.spec.conditioning_data_dir for ds in self.datasets for info in ds.subsets)
+
+    @property
     def num_reg_images(self) -> int:
         return sum(ds.num_reg_images for ds in self.datasets)
 

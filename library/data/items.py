@@ -36,6 +36,7 @@ class ImageItem:
     bucket: Size | None = None
     resized: Size | None = None
     ar_error: float = 0.0
+    mask_path: str | None = None   # conditioning_data_dir: the loss-mask image of this image
 
 
 @dataclass(frozen=True)
@@ -228,5 +229,23 @@ def scan_finetuning_subset(spec: SubsetSpec, subset_index: int, probes: ProbeCac
 
 def scan_subset(spec: SubsetSpec, subset_index: int, probes: ProbeCache) -> SubsetScan:
     if spec.is_dreambooth:
-        return scan_dreambooth_subset(spec, subset_index, probes)
-    return scan_finetuning_subset(spec, subset_index, probes)
+        scan = scan_dreambooth_subset(spec, subset_index, probes)
+    else:
+        scan = scan_finetuning_subset(spec, subset_index, probes)
+    if spec.conditioning_data_dir is not None:
+        _attach_mask_images(scan, spec)
+    return scan
+
+
+def _attach_mask_images(scan: SubsetScan, spec: SubsetSpec) -> None:
+    """Each image's mask is the file with the same name (any image extension) in
+    conditioning_data_dir; an image without one is an error (as in sd-scripts), listed by name."""
+    by_stem = {os.path.splitext(os.path.basename(p))[0]: p for p in list_images(spec.conditioning_data_dir)}
+    missing = []
+    for item in scan.items:
+        item.mask_path = by_stem.get(os.path.splitext(os.path.basename(item.path))[0])
+        if item.mask_path is None:
+            missing.append(os.path.basename(item.path))
+    if missing:
+        scan.errors.append(f"{spec.section}: {len(missing)} images have no mask image of the same name in "
+                           f"conditioning_data_dir '{spec.conditioning_data_dir}', e.g. {', '.join(missing[:3])}")

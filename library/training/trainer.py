@@ -217,10 +217,13 @@ class NetworkTrainer:
         train_group, val_group = build_datasets(args, reso_step_multiple=self.reso_step_multiple,
                                                 default_resolution=self.default_resolution)
         val_lib.check_validation_args(args, val_group is not None)
-        if args.masked_loss and not train_group.has_alpha_masks:
+        if args.masked_loss and not (train_group.has_alpha_masks or train_group.has_mask_images):
             raise ConfigError("--masked_loss needs masks: set alpha_mask = true in the dataset config's subsets "
-                              "(or pass --alpha_mask) so the images' alpha channel becomes the loss mask. "
-                              "Mask images from conditioning_data_dir are not supported yet.")
+                              "(or pass --alpha_mask) to use the images' alpha channel, or give a subset "
+                              "conditioning_data_dir = \"folder of mask images\" (same file names, red channel).")
+        if train_group.has_mask_images and not args.masked_loss:
+            raise ConfigError("a subset has conditioning_data_dir (mask images), which only the masked loss uses: "
+                              "add --masked_loss, or remove conditioning_data_dir")
         print(train_group.report())
         if val_group is not None:
             print("validation set:\n" + val_group.report())
@@ -430,9 +433,12 @@ class NetworkTrainer:
         return per_sample.mean()
 
     def loss_mask(self, state: RunState, batch: dict, pred: torch.Tensor) -> torch.Tensor | None:
-        """The per-pixel loss mask at latent size: the alpha channel when alpha_mask is on (sd-scripts
-        applies it with or without --masked_loss), else none."""
-        masks = batch.get("alpha_masks")
+        """The per-pixel loss mask at latent size: the mask images (conditioning_data_dir, with
+        --masked_loss) first, else the alpha channel when alpha_mask is on (sd-scripts applies it
+        with or without --masked_loss), else none."""
+        masks = batch.get("conditioning_masks")
+        if masks is None:
+            masks = batch.get("alpha_masks")
         if masks is None:
             return None
         return resize_mask_to_latent(masks.to(state.device, non_blocking=True), tuple(pred.shape[-2:]))
