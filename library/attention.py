@@ -12,13 +12,17 @@ Optional backends ("flash" via the flash_attn package, "xformers", "sage") are p
 `set_attention_backend(name)`; asking for one that is not installed is an error at selection
 time, not in the middle of a run. They only handle the unmasked case; a masked call
 (FLUX with --apply_t5_attn_mask, Chroma) always goes through SDPA, which supports masks.
+The one exception is `attention_right_padded` (Lumina's right-padded captions and joint
+sequences): with "flash" selected it runs flash-attn's varlen kernel on the real tokens only.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -99,3 +103,99 @@ _OPTIONAL_KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
     "xformers": _xformers,
     "sage": _sage,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# sd-scripts' `--attn_mode` / `--split_attn` (Anima, and any family whose guide uses them).
+
+# --attn_mode value -> backend name of this module.
+ATTN_MODE_BACKENDS = {"torch": "sdpa", "flash": "flash", "xformers": "xformers", "sageattn": "sage"}
+# Kernels without a backward pass: usable for sampling and inference only.
+INFERENCE_ONLY_BACKENDS = frozenset({"sage"})
+
+
+def backend_for_attn_mode(attn_mode: str) -> str:
+    """The backend name for an sd-scripts `--attn_mode` value (torch, flash, xformers, sageattn)."""
+    try:
+        return ATTN_MODE_BACKENDS[attn_mode]
+    except KeyError:
+        raise ConfigError(f"--attn_mode {attn_mode!r} is not known; choose one of "
+                          f"{', '.join(ATTN_MODE_BACKENDS)}.") from None
+
+
+def attention_per_sample(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """`attention` run one batch element at a time (`--split_attn`): the same result with the
+    attention working memory of a single sample."""
+    outs = []
+    for i in range(q.shape[0]):
+        m = None if mask is None else mask[i: i + 1] if mask.shape[0] > 1 else mask
+        outs.append(attention(q[i: i + 1], k[i: i + 1], v[i: i + 1], m))
+    return torch.cat(outs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Right-padded batches (Lumina's captions and joint sequences): per-sample valid lengths.
+
+@dataclass(frozen=True)
+class RightPadding:
+    """Which positions of a right-padded batch (B, L) are real: sample b holds `lengths[b]` real
+    tokens followed by padding. Built once per forward from lengths known on the host, so
+    neither the SDPA key mask nor flash-attn's varlen bookkeeping needs a device sync."""
+
+    lengths: tuple[int, ...]
+    padded_length: int
+    key_mask: Tensor          # (B, 1, 1, L) bool, True = real key (SDPA)
+    token_indices: Tensor     # (sum(lengths),) flat indices of the real tokens in (B * L)
+    cu_seqlens: Tensor        # (B + 1,) int32 cumulative lengths (flash-attn varlen)
+
+
+def right_padding(lengths: Sequence[int], padded_length: int, device: torch.device | str) -> RightPadding | None:
+    """The padding description, or None when every sample fills all `padded_length` positions
+    (then attention runs unmasked, on the fastest kernels)."""
+    lengths = tuple(int(n) for n in lengths)
+    if any(n < 1 or n > padded_length for n in lengths):
+        raise ValueError(f"sequence lengths {lengths} must lie in 1..{padded_length}")
+    if all(n == padded_length for n in lengths):
+        return None
+    lengths_t = torch.tensor(lengths)
+    key_mask = torch.arange(padded_length)[None, :] < lengths_t[:, None]
+    token_indices = torch.cat([b * padded_length + torch.arange(n) for b, n in enumerate(lengths)])
+    cu_seqlens = F.pad(lengths_t.cumsum(0), (1, 0)).to(torch.int32)
+    return RightPadding(
+        lengths=lengths, padded_length=padded_length,
+        key_mask=key_mask[:, None, None, :].to(device, non_blocking=True),
+        token_indices=token_indices.to(device, non_blocking=True),
+        cu_seqlens=cu_seqlens.to(device, non_blocking=True),
+    )
+
+
+def attention_right_padded(q: Tensor, k: Tensor, v: Tensor, padding: RightPadding | None) -> Tensor:
+    """Self-attention over a right-padded batch: q, k, v (B, H, L, D) share the padding; padded
+    keys are ignored. The outputs at padded query positions are meaningless (finite) and must be
+    dropped by the caller. With the "flash" backend on CUDA in fp16/bf16, flash-attn's varlen
+    kernel runs on the real tokens only (no compute spent on padding); otherwise SDPA with a
+    key mask."""
+    if padding is None:
+        return attention(q, k, v)
+    if _selected == "flash" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return _flash_varlen(q, k, v, padding)
+    return _sdpa(q, k, v, padding.key_mask)
+
+
+def _flash_varlen_kernel():
+    from flash_attn import flash_attn_varlen_func  # optional dependency, checked at selection time
+
+    return flash_attn_varlen_func
+
+
+def _flash_varlen(q: Tensor, k: Tensor, v: Tensor, padding: RightPadding) -> Tensor:
+    batch, heads, length, dim = q.shape
+
+    def packed(t: Tensor) -> Tensor:  # (B, H, L, D) -> (real tokens, H, D)
+        return t.transpose(1, 2).reshape(batch * length, heads, dim).index_select(0, padding.token_indices)
+
+    max_len = max(padding.lengths)
+    out = _flash_varlen_kernel()(packed(q), packed(k), packed(v), cu_seqlens_q=padding.cu_seqlens,
+                                 cu_seqlens_k=padding.cu_seqlens, max_seqlen_q=max_len, max_seqlen_k=max_len)
+    full = out.new_zeros(batch * length, heads, dim).index_copy(0, padding.token_indices, out)
+    return full.reshape(batch, length, heads, dim).transpose(1, 2)

@@ -447,17 +447,26 @@ _CHECKPOINT_KINDS: tuple[tuple[str, str], ...] = (
     (r"\.(lora_down|lora_up|lora_A|lora_B)\.weight$", "a LoRA file (not a base model)"),
     (r"(^|\.)distilled_guidance_layer\.in_proj\.weight$", "a Chroma DiT"),
     (r"(^|\.)double_blocks\.\d+\.img_attn\.qkv\.weight$", "a FLUX.1 DiT"),
+    (r"(^|\.)pos_embed\.pos_embed$", "an SD3/SD3.5 transformer in the diffusers layout"),
     (r"(^|\.)time_text_embed\.timestep_embedder\.linear_1\.weight$", "a FLUX.1 transformer in the diffusers layout"),
     (r"(^|\.)joint_blocks\.\d+\.", "an SD3/SD3.5 model (MMDiT joint_blocks)"),
     (r"(^|\.)(cap_embedder\.0\.weight$|layers\.\d+\.attention\.qkv\.weight$)", "a Lumina Image 2.0 DiT"),
+    # A standalone Anima LLM adapter file (inside a DiT its keys sit under `llm_adapter.`; the DiT's
+    # own attention output is `output_proj`, never `o_proj`).
+    (r"^blocks\.\d+\.cross_attn\.o_proj\.weight$", "an Anima LLM adapter (its weights only, no DiT)"),
     (r"(^|\.)(net\.blocks\.\d+\.|blocks\.\d+\.self_attn\.)", "an Anima (Cosmos-Predict2) DiT"),
     (r"(^|\.)input_blocks\.\d+\.", "an SD 1.x/2.x/SDXL UNet checkpoint"),
     (r"(^|\.)encoder\.down_blocks\.\d+\.resnets\.", "a VAE in the diffusers layout"),
+    (r"(^|\.)encoder\.(downsamples\.\d+\.residual\.|down_blocks\.\d+\.norm1\.gamma$)",
+     "a Qwen-Image / Wan 3-D causal VAE (e.g. qwen_image_vae.safetensors)"),
     (r"(^|\.)encoder\.conv_in\.weight$", "an autoencoder (VAE, e.g. ae.safetensors)"),
     (r"(^|\.)encoder\.block\.\d+\.layer\.0\.SelfAttention\.q\.weight$",
      "a T5 text encoder (e.g. t5xxl_fp16.safetensors)"),
     (r"(^|\.)text_model\.embeddings\.token_embedding\.weight$", "a CLIP text encoder (e.g. clip_l.safetensors)"),
     (r"(^|\.)transformer\.resblocks\.\d+\.attn\.in_proj_weight$", "an OpenCLIP text encoder"),
+    (r"(^|\.)layers\.\d+\.self_attn\.q_norm\.weight$", "a Qwen3 text encoder (e.g. qwen_3_06b_base.safetensors)"),
+    (r"(^|\.)layers\.\d+\.pre_feedforward_layernorm\.weight$",
+     "a Gemma2 text encoder (e.g. gemma_2_2b_fp16.safetensors)"),
     (r"(^|\.)layers\.\d+\.self_attn\.q_proj\.weight$", "a language-model text encoder (Gemma/Qwen)"),
 )
 

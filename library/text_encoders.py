@@ -37,6 +37,7 @@ from library.safetensors_io import load_file, tensor_shapes
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CLIP_L_TOKENIZER_ID = "openai/clip-vit-large-patch14"
+CLIP_G_TOKENIZER_ID = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 T5_XXL_TOKENIZER_ID = "google/t5-v1_1-xxl"
 HEAD_DIM = 64  # CLIP-L and T5-XXL both use 64-wide heads; the head count follows from the width
 
@@ -188,6 +189,69 @@ def load_clip_l(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     state = {k[len(prefix):]: t.to(device=device, dtype=target) for k, t in tensors.items()}
     model.load_state_dict(state, assign=True, strict=True)
     return model.to(device).eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP with its text projection (SD3: CLIP-L and CLIP-G, OpenCLIP ViT-bigG).
+
+def clip_g_config(**overrides):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**(bundled_config("clip_g") | overrides))
+
+
+def _load_clip_with_projection(path, config_fn, expected: str, prefer: str, device, dtype, prefix: str | None,
+                               identity_projection: bool):
+    """transformers' CLIPTextModelWithProjection (keys `text_model.*` + `text_projection.weight`,
+    as in the files) with sizes from the shapes. Without a `text_projection.weight` in the file,
+    an identity projection is used when `identity_projection` (CLIP-L, as sd-scripts does), else
+    the file is refused."""
+    from transformers import CLIPTextModelWithProjection
+
+    raw = tensor_shapes(path)
+    prefix = _find_prefix(path, raw, _CLIP_ANCHOR, expected, prefer, prefix)
+    shapes = {k[len(prefix):]: s for k, (s, _) in raw.items() if k.startswith(prefix)}
+    vocab, width = shapes[_CLIP_ANCHOR]
+    projection = shapes.get("text_projection.weight")
+    if projection is None and not identity_projection:
+        raise ModelFileError(f"{path}: the CLIP text encoder has no text_projection.weight; {expected} needs it. "
+                             "The file is incomplete or a CLIP without projection.")
+    config = config_fn(
+        vocab_size=vocab, hidden_size=width, num_attention_heads=width // HEAD_DIM,
+        projection_dim=projection[0] if projection is not None else width,
+        max_position_embeddings=shapes["text_model.embeddings.position_embedding.weight"][0],
+        intermediate_size=shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0],
+        num_hidden_layers=1 + _max_block(shapes, r"text_model\.encoder\.layers\.(\d+)\."),
+    )
+    model = _build_without_weights(CLIPTextModelWithProjection, config)
+    wanted = set(model.state_dict())
+    keys = [prefix + k for k in shapes if k in wanted]
+    got = {k[len(prefix):] for k in keys}
+    if projection is None:
+        got.add("text_projection.weight")
+    _check_complete(path, wanted, got, "CLIP text encoder")
+    target = _compute_dtype(_torch_dtype(raw[prefix + _CLIP_ANCHOR][1]), dtype)
+    state = {k[len(prefix):]: t.to(device=device, dtype=target) for k, t in load_file(path, keys=keys).items()}
+    if projection is None:
+        state["text_projection.weight"] = torch.eye(width, device=device, dtype=target)
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_clip_l_with_projection(path: str | os.PathLike, device: str | torch.device = "cpu",
+                                dtype: torch.dtype | None = None, *, prefix: str | None = None):
+    """CLIP-L as SD3 uses it: CLIPTextModelWithProjection (`text_embeds` is the projected
+    pooled output; an identity projection when the file has none)."""
+    return _load_clip_with_projection(path, clip_l_config, "a CLIP-L text encoder (clip_l.safetensors)", "clip_l",
+                                      device, dtype, prefix, identity_projection=True)
+
+
+def load_clip_g(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                *, prefix: str | None = None):
+    """CLIP-G (OpenCLIP ViT-bigG in the HF layout, clip_g.safetensors) as
+    CLIPTextModelWithProjection, from a single file or `text_encoders.clip_g.transformer.`."""
+    return _load_clip_with_projection(path, clip_g_config, "a CLIP-G text encoder (clip_g.safetensors)", "clip_g",
+                                      device, dtype, prefix, identity_projection=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,3 +428,14 @@ def load_t5xxl_tokenizer(cache_dir=None, local_path=None, offline: bool = False)
 
     return load_tokenizer(T5_XXL_TOKENIZER_ID, T5TokenizerFast, cache_dir=cache_dir, local_path=local_path,
                           offline=offline)
+
+
+def load_clip_g_tokenizer(cache_dir=None, local_path=None, offline: bool = False):
+    """The CLIP-G tokenizer with its pad token forced to id 0 ("!"), as SD3 was trained
+    (sd-scripts sets pad_token_id = 0); the vocabulary is CLIP-L's."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = load_tokenizer(CLIP_G_TOKENIZER_ID, CLIPTokenizer, cache_dir=cache_dir, local_path=local_path,
+                               offline=offline)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
+    return tokenizer
