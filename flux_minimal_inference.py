@@ -19,6 +19,7 @@ from library.errors import ConfigError, UserError
 from library.flux.loading import load_flux_dit
 from library.flux.sampling import generate_image
 from library.flux.text import FluxTextEncoding
+from library.fp8 import quantize_linears_
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg_scale", type=float, default=1.0, help="classifier-free guidance; 1.0 = off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="compute dtype")
-    p.add_argument("--flux_dtype", default=None, help="dtype of the DiT weights (fp8 is not supported yet)")
+    p.add_argument("--flux_dtype", default=None, help="dtype of the DiT weights: bf16, fp16, fp32, or fp8 (block weights stored as float8_e4m3fn, computed in --dtype)")
     p.add_argument("--t5xxl_max_token_length", type=int, default=None)
     p.add_argument("--apply_t5_attn_mask", action="store_true")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -83,17 +84,21 @@ def apply_loras(loras: list[str], dit, text_encoders, ae, merge: bool) -> list:
 
 
 def generate(args: argparse.Namespace) -> Path:
-    if args.flux_dtype and "fp8" in args.flux_dtype.lower():
-        raise ConfigError("--flux_dtype fp8 is not supported yet; leave it out (the DiT uses --dtype)")
+    fp8 = bool(args.flux_dtype) and "fp8" in args.flux_dtype.lower()
+    if fp8 and args.merge_lora_weights:
+        raise ConfigError("--merge_lora_weights cannot merge into fp8 weights (--flux_dtype fp8): leave out "
+                          "--merge_lora_weights (the LoRA then runs beside the fp8 layers)")
     if args.model_type == "flux" and not args.clip_l:
         raise ConfigError("--clip_l is required for FLUX.1 (only Chroma runs without it)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
-    flux_dtype = DTYPES[args.flux_dtype] if args.flux_dtype else dtype
+    flux_dtype = dtype if fp8 or not args.flux_dtype else DTYPES[args.flux_dtype]
     load_device = "cpu" if args.offload else device
 
     dit, info = load_flux_dit(args.ckpt, model_type=args.model_type, device=load_device, dtype=flux_dtype)
     dit.eval()
+    if fp8:   # the block weights in float8_e4m3fn, computed in --dtype; before the LoRA wraps them
+        print(quantize_linears_(dit, [dit.double_blocks, dit.single_blocks], compute_dtype=dtype))
     schnell = info.variant == "schnell"
     max_len = args.t5xxl_max_token_length or (256 if schnell else 512)
     apply_mask = args.apply_t5_attn_mask or args.model_type == "chroma"

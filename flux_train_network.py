@@ -16,6 +16,7 @@ import sys
 import torch
 
 from library.errors import ConfigError
+from library.offload import estimate_activation_bytes, resolve_deprecated_swap_options
 from library.flux import sampling as flux_sampling
 from library.flux.loading import load_flux_dit
 from library.flux.text import FluxTextCacheEncoder, FluxTextEncoding, FluxTextOutputs
@@ -64,11 +65,10 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
         g.add_argument("--guidance_scale", type=float, default=3.5,
                        help="embedded guidance fed to FLUX.1 dev while training (1.0 recommended; "
                             "ignored by schnell; 0.0 for Chroma)")
-        g.add_argument("--blocks_to_swap", type=int, default=None, help="(not supported yet)")
-        g.add_argument("--fp8_base", action="store_true", help="(not supported yet)")
-        g.add_argument("--fp8_base_unet", action="store_true", help="(not supported yet)")
-        g.add_argument("--cpu_offload_checkpointing", action="store_true", help="(not supported yet)")
-        g.add_argument("--split_mode", action="store_true", help="deprecated: use --blocks_to_swap")
+        g.add_argument("--split_mode", action="store_true", help="deprecated: means --blocks_to_swap 18")
+        g.add_argument("--double_blocks_to_swap", type=int, default=None,
+                       help="deprecated: D double + S single blocks mean --blocks_to_swap D + S // 2")
+        g.add_argument("--single_blocks_to_swap", type=int, default=None, help="deprecated: see --double_blocks_to_swap")
         add_flow_matching_arguments(
             parser, default_timestep_sampling="sigma", default_discrete_flow_shift=3.0,
             default_model_prediction_type="sigma_scaled",
@@ -86,8 +86,16 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
             problems.append("--clip_l is required for FLUX.1 (only Chroma runs without it)")
         if args.model_type == "chroma" and args.clip_l:
             problems.append("--clip_l is not used by Chroma: remove it")
-        if args.split_mode:
-            problems.append("--split_mode is deprecated and block swap is not supported yet: remove it")
+        try:
+            resolved = resolve_deprecated_swap_options(
+                args.blocks_to_swap, double_blocks_to_swap=args.double_blocks_to_swap,
+                single_blocks_to_swap=args.single_blocks_to_swap, split_mode=args.split_mode)
+        except ConfigError as e:
+            problems.append(str(e))
+        else:
+            args.blocks_to_swap = resolved.blocks_to_swap
+            for message in resolved.messages:
+                print(f"note: {message}")
         text_cached = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
         trains_t5 = not args.network_train_unet_only and parse_bool_arg(args.network_args, "train_t5xxl")
         if text_cached and trains_t5:
@@ -114,7 +122,8 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
         text = FluxTextEncoding.from_files(
             clip_l_path=args.clip_l if args.model_type == "flux" else None, t5xxl_path=args.t5xxl,
             t5_max_length=args.t5xxl_max_token_length, apply_t5_attn_mask=args.apply_t5_attn_mask,
-            tokenizer_cache_dir=args.tokenizer_cache_dir, device="cpu", dtype=weight_dtype)
+            tokenizer_cache_dir=args.tokenizer_cache_dir, device="cpu", dtype=weight_dtype,
+            t5_fp8_storage=args.fp8_base and not args.fp8_base_unet)
         return FamilyModels(denoiser=dit, text_encoders=[text.clip_l, text.t5], vae=ae, info=info,
                             extra={"text": text})
 
@@ -150,6 +159,17 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
 
     def block_lists(self, models):
         return [models.denoiser.double_blocks, models.denoiser.single_blocks]
+
+    def model_name(self, models):
+        return {"dev": "FLUX.1 dev", "schnell": "FLUX.1 schnell", "chroma": "Chroma"}[models.info.variant]
+
+    def activation_bytes_estimate(self, args, models, batch, height, width):
+        p = models.denoiser.params
+        tokens = (height // 16) * (width // 16) + args.t5xxl_max_token_length
+        return estimate_activation_bytes(batch=batch, tokens=tokens, hidden=p.hidden_size,
+                                         mlp_hidden=int(p.hidden_size * p.mlp_ratio),
+                                         num_blocks=p.depth + p.depth_single_blocks,
+                                         gradient_checkpointing=args.gradient_checkpointing)
 
     # ---- the forward --------------------------------------------------------------------------
     def denoise(self, args, models, noisy: NoisyInput, text: dict) -> torch.Tensor:

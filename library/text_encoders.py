@@ -383,8 +383,10 @@ def _checked(tokenizer):
 
 
 def load_tokenizer(hub_id: str, tokenizer_class, *, cache_dir: str | os.PathLike | None = None,
-                   local_path: str | os.PathLike | None = None, offline: bool = False):
-    """Explicit folder > DIR/<hub id with / -> _> in the cache dir > the hub (saved to the cache dir)."""
+                   local_path: str | os.PathLike | None = None, offline: bool = False, subfolder: str | None = None):
+    """Explicit folder > DIR/<hub id with / -> _> in the cache dir > the hub (saved to the cache dir).
+    `subfolder`: where the tokenizer sits inside the hub repository (e.g. "tokenizer" of
+    stabilityai/stable-diffusion-2); the cache folder holds the tokenizer itself."""
     name = tokenizer_class.__name__
     if local_path is not None:
         if not Path(local_path).is_dir():
@@ -403,7 +405,8 @@ def load_tokenizer(hub_id: str, tokenizer_class, *, cache_dir: str | os.PathLike
                 raise ModelFileError(f"{folder}: the cached tokenizer cannot be loaded ({e}). Delete the folder "
                                      "to fetch it again.") from e
     try:
-        tokenizer = _checked(tokenizer_class.from_pretrained(hub_id, local_files_only=offline))
+        hub_kwargs = {"subfolder": subfolder} if subfolder else {}
+        tokenizer = _checked(tokenizer_class.from_pretrained(hub_id, local_files_only=offline, **hub_kwargs))
     except Exception as e:
         where = (f"{tokenizer_cache_folder(cache_dir, hub_id)}" if cache_dir is not None
                  else f"--tokenizer_cache_dir DIR (looked for DIR/{hub_id.replace('/', '_')})")

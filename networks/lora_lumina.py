@@ -11,12 +11,14 @@ modules (`lora_te_layers_0_self_attn_q_proj`, `lora_te_layers_0_mlp_gate_proj`..
 when a Gemma2 model is given; they are only trained and saved when the trainer applies the
 text-encoder part (not with --network_train_unet_only).
 
-Per-type ranks (network_args attn_dim, mlp_dim, mod_dim, refiner_dim) go to the first type,
-in that order, whose name part occurs in the LoRA name: "attention", "feed_forward",
-"modulation", "refiner". sd-scripts looks for "mlp", which no Lumina layer has, so its
-mlp_dim does nothing; here mlp_dim sets the rank of the feed-forward layers as the guide
-documents. network_reg_dims (the last matching pattern, re.search on the LoRA name) comes
-last and wins over everything.
+Per-type ranks (network_args attn_dim, mod_dim, refiner_dim, mlp_dim) go to the first type,
+in that order, whose name part occurs in the LoRA name: "attention", "modulation", "refiner",
+"feed_forward". sd-scripts checks attention, mlp, modulation, refiner, but looks for "mlp",
+which no Lumina layer has: its mlp_dim does nothing, and refiner_dim sets the refiners'
+feed-forward layers. Here mlp_dim sets the main layers' feed-forward as the guide documents,
+and it is checked after refiner_dim so the refiners get exactly sd-scripts' ranks (with all four
+keys given, each of them has an effect). network_reg_dims (the last matching pattern,
+re.search on the LoRA name) comes last and wins over everything.
 """
 
 from __future__ import annotations
@@ -43,12 +45,12 @@ GEMMA2_INDEX = 0
 DIT_CONTAINERS = ("JointTransformerBlock", "FinalLayer")
 GEMMA2_CONTAINERS = ("Gemma2Attention", "Gemma2SdpaAttention", "Gemma2FlashAttention2", "Gemma2MLP")
 
-# (network_args key, name part), in the order sd-scripts checks them.
+# (network_args key, name part), in the order they are checked (see the module docstring).
 TYPE_DIMS = (
     ("attn_dim", "attention"),
-    ("mlp_dim", "feed_forward"),
     ("mod_dim", "modulation"),
     ("refiner_dim", "refiner"),
+    ("mlp_dim", "feed_forward"),
 )
 # embedder_dims=[x, t, caption]: module paths per entry.
 EMBEDDERS = (

@@ -75,7 +75,8 @@ def test_per_component_dims_follow_the_guide_and_embedders_are_added():
                      embedder_dims="[6,7,0]")
     r = ranks(network)
     assert r["lora_unet_layers_0_attention_qkv"] == r["lora_unet_noise_refiner_1_attention_out"] == 8
-    assert r["lora_unet_layers_3_feed_forward_w2"] == r["lora_unet_context_refiner_0_feed_forward_w1"] == 2
+    assert r["lora_unet_layers_3_feed_forward_w2"] == 2
+    assert r["lora_unet_context_refiner_0_feed_forward_w1"] == 5, "refiner_dim before mlp_dim, as sd-scripts ranks it"
     assert r["lora_unet_layers_3_adaLN_modulation_1"] == r["lora_unet_final_layer_adaLN_modulation_1"] == 3
     assert r["lora_unet_final_layer_linear"] == 16, "no type matches: the base rank"
     assert r["lora_unet_x_embedder"] == 6 and r["lora_unet_t_embedder_mlp_0"] == r["lora_unet_t_embedder_mlp_2"] == 7

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from library.anima.llm_adapter import LLMAdapter, LLMAdapterParams
 from library.attention import attention, attention_per_sample
-from library.flux.model import BlockCheckpointing
+from library.block_checkpointing import BlockCheckpointing
 
 
 @dataclass(frozen=True)

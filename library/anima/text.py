@@ -228,6 +228,8 @@ class AnimaTextEncoding:
 class AnimaTextCacheEncoder:
     """Adapter to the data pipeline's TextCacheEncoder protocol (identity + encode -> dicts)."""
 
+    file_suffix = "_anima_te"  # cache files `<stem>_anima_te.safetensors`, as sd-scripts' `_anima_te.npz`
+
     def __init__(self, encoding: AnimaTextEncoding):
         self.encoding = encoding
 

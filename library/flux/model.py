@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from library.block_checkpointing import BlockCheckpointing  # noqa: F401  (re-exported)
 from library.flux.layers import (
     DoubleStreamBlock,
     EmbedND,
@@ -90,23 +90,6 @@ VARIANTS: dict[str, FluxVariant] = {
         modelspec_architecture="chroma/lora", modelspec_implementation="https://huggingface.co/lodestones/Chroma",
     ),
 }
-
-
-class BlockCheckpointing:
-    """Per-block non-reentrant activation checkpointing, shared by Flux and Chroma."""
-
-    gradient_checkpointing: bool = False
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.gradient_checkpointing = True
-
-    def disable_gradient_checkpointing(self) -> None:
-        self.gradient_checkpointing = False
-
-    def run_block(self, block: nn.Module, *args, **kwargs):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False, **kwargs)
-        return block(*args, **kwargs)
 
 
 class Flux(BlockCheckpointing, nn.Module):

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from library.attention import right_padding
 from library.flux.layers import EmbedND
-from library.flux.model import BlockCheckpointing
+from library.block_checkpointing import BlockCheckpointing
 from library.lumina.layers import FinalLayer, JointTransformerBlock, RMSNorm, TimestepEmbedder
 
 

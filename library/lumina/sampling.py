@@ -82,8 +82,8 @@ def denoise(model: nn.Module, noise: Tensor, cond: LuminaConditioning, sigmas: l
     While 1 - sigma < cfg_trunc_ratio the negative conditioning runs batched with the positive
     one (both padded to the same caption length; the DiT ignores padding) and the guided
     prediction is used; afterwards only the positive one. The model input has the states'
-    dtype; x is integrated in float32. `before_step(i)` runs before each step (e.g. to reset a
-    block-swap offloader)."""
+    dtype; t is passed in float32 (bf16 cannot tell 0.998 from 1); x is integrated in float32.
+    `before_step(i)` runs before each step (e.g. to reset a block-swap offloader)."""
     if neg is None and cfg_trunc_ratio > 0 and sigmas and 1 - sigmas[0] < cfg_trunc_ratio:
         raise ValueError("classifier-free guidance needs a negative conditioning (or cfg_trunc_ratio 0)")
     compute_dtype = cond.hidden_state.dtype
@@ -100,11 +100,11 @@ def denoise(model: nn.Module, noise: Tensor, cond: LuminaConditioning, sigmas: l
         model_time = 1.0 - sigma
         guided_step = neg is not None and model_time < cfg_trunc_ratio
         if guided_step and cfg_scale != 1.0:
-            t = torch.full((2 * batch,), model_time, device=x.device, dtype=compute_dtype)
+            t = torch.full((2 * batch,), model_time, device=x.device)
             pred_neg, pred = model(torch.cat((x, x)).to(compute_dtype), t, both_states, both_masks).float().chunk(2)
             pred = guided_prediction(pred, pred_neg, cfg_scale, renorm_cfg)
         else:
-            t = torch.full((batch,), model_time, device=x.device, dtype=compute_dtype)
+            t = torch.full((batch,), model_time, device=x.device)
             pred = model(x.to(compute_dtype), t, cond.hidden_state, cond.attention_mask).float()
             if guided_step:  # scale 1: the guided prediction is the conditional one, renormalised
                 pred = guided_prediction(pred, pred, 1.0, renorm_cfg)
@@ -125,6 +125,32 @@ def initial_noise(width: int, height: int, seed: int | None, device: torch.devic
 
 
 @torch.no_grad()
+def sample_latents(model: nn.Module, cond: LuminaConditioning, *, neg: LuminaConditioning | None = None,
+                   width: int = DEFAULT_SIZE, height: int = DEFAULT_SIZE, steps: int = DEFAULT_STEPS,
+                   cfg_scale: float = DEFAULT_CFG_SCALE, cfg_trunc_ratio: float = DEFAULT_CFG_TRUNC_RATIO,
+                   renorm_cfg: float = DEFAULT_RENORM_CFG, seed: int | None = None, shift: float = DEFAULT_SHIFT,
+                   progress: bool = True, before_step: Callable[[int], None] | None = None) -> Tensor:
+    """Noise -> denoised scaled latents (1, 16, H/8, W/8) float32, for one prompt. The size is
+    rounded down to a multiple of 16. Without a negative conditioning CFG is off."""
+    width, height = round_image_size(width, height)
+    device = cond.hidden_state.device
+    noise = initial_noise(width, height, seed, device, dtype=cond.hidden_state.dtype)
+    return denoise(model, noise, cond, get_sigmas(steps, shift), neg=neg, cfg_scale=cfg_scale,
+                   cfg_trunc_ratio=cfg_trunc_ratio if neg is not None else 0.0, renorm_cfg=renorm_cfg,
+                   progress=progress, before_step=before_step)
+
+
+@torch.no_grad()
+def decode_to_image(ae: nn.Module, latents: Tensor):
+    """Scaled latents (1, 16, h, w) -> PIL image through the AE (on the AE's device and dtype)."""
+    from PIL import Image
+
+    image = ae.decode(latents.to(next(ae.parameters()).device, ae.dtype)).float().clamp(-1, 1)
+    array = ((image[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+@torch.no_grad()
 def generate_image(model: nn.Module, ae: nn.Module, cond: LuminaConditioning, *,
                    neg: LuminaConditioning | None = None, width: int = DEFAULT_SIZE, height: int = DEFAULT_SIZE,
                    steps: int = DEFAULT_STEPS, cfg_scale: float = DEFAULT_CFG_SCALE,
@@ -133,14 +159,7 @@ def generate_image(model: nn.Module, ae: nn.Module, cond: LuminaConditioning, *,
                    before_step: Callable[[int], None] | None = None):
     """Noise -> denoise -> AE decode -> PIL image, for one prompt (batch 1). The AE's decode
     takes scaled latents (see library.autoencoders). Without a negative conditioning CFG is off."""
-    from PIL import Image
-
-    width, height = round_image_size(width, height)
-    device = cond.hidden_state.device
-    noise = initial_noise(width, height, seed, device, dtype=cond.hidden_state.dtype)
-    x = denoise(model, noise, cond, get_sigmas(steps, shift), neg=neg, cfg_scale=cfg_scale,
-                cfg_trunc_ratio=cfg_trunc_ratio if neg is not None else 0.0, renorm_cfg=renorm_cfg,
-                progress=progress, before_step=before_step)
-    image = ae.decode(x.to(ae.dtype)).float().clamp(-1, 1)
-    array = ((image[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(array))
+    x = sample_latents(model, cond, neg=neg, width=width, height=height, steps=steps, cfg_scale=cfg_scale,
+                       cfg_trunc_ratio=cfg_trunc_ratio, renorm_cfg=renorm_cfg, seed=seed, shift=shift,
+                       progress=progress, before_step=before_step)
+    return decode_to_image(ae, x)

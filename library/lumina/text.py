@@ -139,7 +139,10 @@ class LuminaTextEncoding:
 
 
 class LuminaTextCacheEncoder:
-    """Adapter to the data pipeline's TextCacheEncoder protocol (identity + encode -> dicts)."""
+    """Adapter to the data pipeline's TextCacheEncoder protocol (identity + encode -> dicts).
+    Disk caches are named `<image stem>_lumina_te.safetensors`."""
+
+    file_suffix = "_lumina_te"
 
     def __init__(self, encoding: LuminaTextEncoding):
         self.encoding = encoding

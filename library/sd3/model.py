@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from library.attention import attention
-from library.flux.model import BlockCheckpointing
+from library.block_checkpointing import BlockCheckpointing
 from library.sd3.pos_embed import ScaledPosEmbeds, center_offsets, check_fits, crop_table, random_offsets
 
 HEAD_DIM = 64

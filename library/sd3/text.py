@@ -209,17 +209,17 @@ class SD3TextEncoding:
 
     # -- tokenizing ---------------------------------------------------------------------------
 
-    def tokenize(self, captions: list[str]) -> dict[str, Tensor]:
-        def run(tokenizer, length):
-            tokens = tokenizer(captions, padding="max_length", max_length=length, truncation=True,
-                               return_tensors="pt")
-            return tokens.input_ids, tokens.attention_mask
+    @staticmethod
+    def _tokens(tokenizer, captions: list[str], length: int) -> tuple[Tensor, Tensor]:
+        tokens = tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        return tokens.input_ids, tokens.attention_mask
 
+    def tokenize(self, captions: list[str]) -> dict[str, Tensor]:
         out = {}
-        out["clip_l_ids"], out["clip_l_mask"] = run(self.clip_l_tokenizer, CLIP_MAX_LENGTH)
-        out["clip_g_ids"], out["clip_g_mask"] = run(self.clip_g_tokenizer, CLIP_MAX_LENGTH)
+        out["clip_l_ids"], out["clip_l_mask"] = self._tokens(self.clip_l_tokenizer, captions, CLIP_MAX_LENGTH)
+        out["clip_g_ids"], out["clip_g_mask"] = self._tokens(self.clip_g_tokenizer, captions, CLIP_MAX_LENGTH)
         if self.t5 is not None:
-            out["t5_ids"], out["t5_mask"] = run(self.t5_tokenizer, self.t5_max_length)
+            out["t5_ids"], out["t5_mask"] = self._tokens(self.t5_tokenizer, captions, self.t5_max_length)
         return out
 
     # -- encoding -----------------------------------------------------------------------------
@@ -257,6 +257,28 @@ class SD3TextEncoding:
                 return out, mask
             states = states.to(out.dtype).index_copy(0, index, out)
         return states, mask
+
+    # -- one encoder at a time (text-encoder LoRA: the trained ones run, the others may be cached)
+
+    def encode_clip_l(self, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """CLIP-L alone: penultimate states (B, 77, width), projected pooled (B, proj), mask (B, 77)."""
+        ids, mask = self._tokens(self.clip_l_tokenizer, captions, CLIP_MAX_LENGTH)
+        return self._encode_clip(self.clip_l, ids, mask, torch.ones(len(captions), dtype=torch.bool))
+
+    def encode_clip_g(self, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """CLIP-G alone, as encode_clip_l."""
+        ids, mask = self._tokens(self.clip_g_tokenizer, captions, CLIP_MAX_LENGTH)
+        return self._encode_clip(self.clip_g, ids, mask, torch.ones(len(captions), dtype=torch.bool))
+
+    def encode_t5_states(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """T5 alone: last hidden states (B, L, width) and mask (B, L); zeros of 77 tokens without a T5."""
+        if self.t5 is None:
+            device = _device_of(self.clip_l)
+            return (torch.zeros(len(captions), CLIP_MAX_LENGTH, self.context_width, device=device,
+                                dtype=_dtype_of(self.clip_l)),
+                    torch.zeros(len(captions), CLIP_MAX_LENGTH, dtype=torch.long, device=device))
+        ids, mask = self._tokens(self.t5_tokenizer, captions, self.t5_max_length)
+        return self._encode_t5(ids, mask, torch.ones(len(captions), dtype=torch.bool))
 
     def encode(self, captions: list[str], *, enable_dropout: bool = False,
                generator: torch.Generator | None = None) -> SD3TextOutputs:

@@ -27,6 +27,7 @@ FAMILY_MODULES = {
     "sd3": "library.tiny.sd3",
     "lumina": "library.tiny.lumina",
     "anima": "library.tiny.anima",
+    "sd": "library.tiny.sd",
 }
 
 

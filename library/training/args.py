@@ -129,11 +129,6 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Options declared for compatibility but not built yet: (dest, is-set test, message).
 _NOT_YET = [
-    ("blocks_to_swap", "--blocks_to_swap is not supported yet (block swap arrives with the memory work). "
-                       "Remove it, or use a smaller resolution / --gradient_checkpointing."),
-    ("fp8_base", "--fp8_base is not supported yet. Remove it (train in bf16)."),
-    ("fp8_base_unet", "--fp8_base_unet is not supported yet. Remove it (train in bf16)."),
-    ("cpu_offload_checkpointing", "--cpu_offload_checkpointing is not supported yet. Remove it."),
     ("base_weights", "--base_weights is not supported yet. Merge the LoRA into the model first."),
     ("xformers", "--xformers is not supported for this model: attention uses PyTorch SDPA. Remove it."),
     ("mem_eff_attn", "--mem_eff_attn is for SD 1.x/2.x only. Remove it."),

@@ -1,4 +1,5 @@
-"""Training math shared by the flow-matching families (FLUX, Chroma, Lumina, Anima).
+"""Training math shared by the flow-matching families (FLUX, Chroma, Lumina, Anima, and SD3's
+own timestep sampling and x0 objective at the end of this file).
 
 One convention throughout: σ ∈ [0, 1] is the noise level, x_σ = (1−σ)·x0 + σ·ε, and the
 timestep value passed around is t = 1000·σ. Family differences are data on the config
@@ -14,6 +15,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -128,7 +130,13 @@ def add_flow_matching_arguments(
     group.add_argument("--logit_mean", type=float, default=0.0, help="Mean for logit_normal. Default 0.0.")
     group.add_argument("--logit_std", type=float, default=1.0, help="Std for logit_normal. Default 1.0.")
     group.add_argument("--mode_scale", type=float, default=1.29, help="Scale for the mode scheme. Default 1.29.")
+    add_flow_noise_arguments(group)
+    add_ddpm_only_arguments(parser)
 
+
+def add_flow_noise_arguments(group: argparse._ActionsContainer) -> None:
+    """Declare the noise options every flow family honours (ip noise, noise offset, pyramid
+    noise) on `group` (a parser or an argument group)."""
     group.add_argument(
         "--ip_noise_gamma",
         type=float,
@@ -176,6 +184,10 @@ def add_flow_matching_arguments(
         "--multires_noise_iterations). Default 0.3.",
     )
 
+
+def add_ddpm_only_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the DDPM-only loss options so that old command lines get a clear refusal
+    (`ddpm_only_option_problems`) instead of an argparse error."""
     ddpm = parser.add_argument_group(
         "DDPM-only loss options (declared so old command lines get a clear error; "
         "setting any of them is refused for flow-matching models)"
@@ -235,11 +247,7 @@ class FlowMatchingConfig:
         cls, args: Any, *, reversed_target: bool = False, always_weight_loss: bool = False
     ) -> "FlowMatchingConfig":
         """Build from parsed arguments; reports every problem at once as one ConfigError."""
-        problems = [
-            f"{flag} is a DDPM (SD1/2) option and has no meaning for flow-matching models; remove it."
-            for attr, flag in _DDPM_ONLY_OPTIONS.items()
-            if getattr(args, attr, None) not in (None, False)
-        ]
+        problems = ddpm_only_option_problems(args)
         defaults = cls.__dataclass_fields__
         values = {
             name: getattr(args, name, field.default)
@@ -272,6 +280,15 @@ class FlowMatchingConfig:
         if self.model_prediction_type is None:
             del meta["ss_model_prediction_type"]
         return {k: str(v) for k, v in meta.items()}
+
+
+def ddpm_only_option_problems(args: Any) -> list[str]:
+    """One message per DDPM-only option that is set (they have no flow-matching meaning)."""
+    return [
+        f"{flag} is a DDPM (SD1/2) option and has no meaning for flow-matching models; remove it."
+        for attr, flag in _DDPM_ONLY_OPTIONS.items()
+        if getattr(args, attr, None) not in (None, False)
+    ]
 
 
 def _config_problems(v: dict[str, Any]) -> list[str]:
@@ -373,13 +390,30 @@ def scheduler_sigma_table(shift: float) -> Tensor:
     return shift_sigmas(base / NUM_TRAIN_TIMESTEPS, shift)
 
 
-def _sample_u_for_sigma_method(cfg: FlowMatchingConfig, batch_size: int, generator, device) -> Tensor:
-    if cfg.weighting_scheme == "logit_normal":
-        return torch.sigmoid(cfg.logit_mean + cfg.logit_std * _randn((batch_size,), generator, device))
+def sample_density_u(
+    scheme: str,
+    batch_size: int,
+    *,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """u (B,) drawn from the timestep density of a weighting scheme (SD3 paper, section 3.1):
+    logit_normal sigmoid(N(logit_mean, logit_std)); mode 1 − u − mode_scale·(cos²(πu/2) − 1 + u)
+    with u ~ U(0,1); anything else U(0,1)."""
+    if scheme == "logit_normal":
+        return torch.sigmoid(logit_mean + logit_std * _randn((batch_size,), generator, device))
     u = _rand((batch_size,), generator, device)
-    if cfg.weighting_scheme == "mode":
-        u = 1 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    if scheme == "mode":
+        u = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     return u
+
+
+def _sample_u_for_sigma_method(cfg: FlowMatchingConfig, batch_size: int, generator, device) -> Tensor:
+    return sample_density_u(cfg.weighting_scheme, batch_size, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                            mode_scale=cfg.mode_scale, generator=generator, device=device)
 
 
 def sample_sigmas(
@@ -576,3 +610,176 @@ def apply_model_prediction_type(
         raise ConfigError(f"unknown --model_prediction_type {kind!r}")
     weighting = compute_loss_weighting(cfg.weighting_scheme, sigmas) if cfg.weights_loss else None
     return ProcessedPrediction(pred=pred, weighting=weighting)
+
+
+# ----------------------------------------------------------------------------------------------
+# SD3 / SD3.5 (FORMATS 3.3): the one flow family that does not draw σ with --timestep_sampling.
+# u comes from the weighting scheme's density, is shifted by --training_shift and becomes an
+# integer timestep t in [--min_timestep, --max_timestep]; σ = t/1000. The prediction is turned
+# into an x0 estimate x_σ − σ·v̂, compared with x0 and weighted by the scheme (σ⁻² or cosmap).
+
+SD3_WEIGHTING_SCHEMES = ("uniform", "none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+_NOISE_FIELDS = (
+    "ip_noise_gamma", "ip_noise_gamma_random_strength", "noise_offset", "noise_offset_random_strength",
+    "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount",
+)  # fmt: skip
+
+
+def add_sd3_timestep_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare SD3's timestep, weighting and noise options (sd-scripts' names and defaults)."""
+    group = parser.add_argument_group("SD3 timesteps, noise and loss weighting")
+    group.add_argument(
+        "--weighting_scheme",
+        choices=list(SD3_WEIGHTING_SCHEMES),
+        default="uniform",
+        help="uniform/none: t uniform, loss unweighted. logit_normal (--logit_mean, --logit_std) and mode "
+        "(--mode_scale): how t is drawn. sigma_sqrt (loss × σ⁻²) and cosmap (loss × 2/(π(1−2σ+2σ²))): "
+        "t uniform, loss weighted. Default: uniform.",
+    )
+    group.add_argument("--logit_mean", type=float, default=0.0, help="Mean for logit_normal. Default 0.0.")
+    group.add_argument("--logit_std", type=float, default=1.0, help="Std for logit_normal. Default 1.0.")
+    group.add_argument("--mode_scale", type=float, default=1.29, help="Scale for the mode scheme. Default 1.29.")
+    group.add_argument(
+        "--training_shift",
+        type=float,
+        default=1.0,
+        help="Shift S of the drawn u: S·u/(1+(S−1)·u). Above 1 samples the noisy side more (overall "
+        "structure), below 1 the clean side (details). Default 1.0 (no shift).",
+    )
+    group.add_argument(
+        "--min_timestep", type=int, default=None, help="Smallest timestep t (0-999) to train on. Default 0."
+    )
+    group.add_argument(
+        "--max_timestep", type=int, default=None, help="Largest timestep t (1-1000) to train on. Default 1000."
+    )
+    add_flow_noise_arguments(group)
+    add_ddpm_only_arguments(parser)
+
+
+@dataclass(frozen=True)
+class SD3FlowConfig:
+    """SD3's timestep sampling and loss weighting, plus the shared noise options (`noise`)."""
+
+    weighting_scheme: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    training_shift: float = 1.0
+    min_timestep: int | None = None
+    max_timestep: int | None = None
+    noise: FlowMatchingConfig = dataclasses.field(
+        default_factory=lambda: FlowMatchingConfig(timestep_sampling="uniform", model_prediction_type=None)
+    )
+
+    def __post_init__(self) -> None:
+        problems = _sd3_problems(self)
+        if problems:
+            raise ConfigError(_format_problems(problems))
+
+    @property
+    def timestep_range(self) -> tuple[int, int]:
+        return (
+            0 if self.min_timestep is None else self.min_timestep,
+            NUM_TRAIN_TIMESTEPS if self.max_timestep is None else self.max_timestep,
+        )
+
+    @property
+    def weights_loss(self) -> bool:
+        return self.weighting_scheme in _LOSS_WEIGHT_SCHEMES
+
+    @classmethod
+    def from_args(cls, args: Any) -> "SD3FlowConfig":
+        """Build from parsed arguments; reports every problem (DDPM-only options, timestep and
+        noise options) at once as one ConfigError."""
+        problems = ddpm_only_option_problems(args)
+        noise_defaults = FlowMatchingConfig.__dataclass_fields__
+        noise = {name: getattr(args, name, noise_defaults[name].default) for name in _NOISE_FIELDS}
+        noise["ip_noise_gamma_random_strength"] = bool(noise["ip_noise_gamma_random_strength"])
+        noise["noise_offset_random_strength"] = bool(noise["noise_offset_random_strength"])
+        noise_values = {
+            **{name: f.default for name, f in noise_defaults.items()},
+            **noise,
+            "timestep_sampling": "uniform",
+            "model_prediction_type": None,
+            "weighting_scheme": "uniform",
+        }
+        problems += _config_problems(noise_values)
+        own = {
+            name: getattr(args, name, field.default)
+            for name, field in cls.__dataclass_fields__.items()
+            if name != "noise"
+        }
+        problems += _sd3_problems(SimpleNamespace(**own))
+        if problems:
+            raise ConfigError(_format_problems(problems))
+        return cls(**own, noise=FlowMatchingConfig(**noise_values))
+
+    def metadata(self) -> dict[str, str]:
+        """sd-scripts' SD3 ss_* keys, plus ss_training_shift."""
+        meta = {
+            "ss_weighting_scheme": self.weighting_scheme,
+            "ss_logit_mean": self.logit_mean,
+            "ss_logit_std": self.logit_std,
+            "ss_mode_scale": self.mode_scale,
+            "ss_training_shift": self.training_shift,
+        }
+        return {k: str(v) for k, v in meta.items()}
+
+
+def _sd3_problems(c: Any) -> list[str]:
+    problems: list[str] = []
+    if c.weighting_scheme not in SD3_WEIGHTING_SCHEMES:
+        problems.append(f"--weighting_scheme {c.weighting_scheme!r}: choose one of {', '.join(SD3_WEIGHTING_SCHEMES)}.")
+    if not c.training_shift > 0:
+        problems.append(f"--training_shift must be > 0 (got {c.training_shift}).")
+    if not c.logit_std > 0:
+        problems.append(f"--logit_std must be > 0 (got {c.logit_std}).")
+    t_min = 0 if c.min_timestep is None else c.min_timestep
+    t_max = NUM_TRAIN_TIMESTEPS if c.max_timestep is None else c.max_timestep
+    if not 0 <= t_min < t_max <= NUM_TRAIN_TIMESTEPS:
+        problems.append(
+            f"--min_timestep {t_min} / --max_timestep {t_max}: need 0 <= min_timestep < max_timestep <= "
+            f"{NUM_TRAIN_TIMESTEPS}."
+        )
+    return problems
+
+
+def sample_sd3_timesteps(
+    cfg: SD3FlowConfig,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Integer timesteps t (B,) as float32: u from the weighting scheme's density, shifted by
+    --training_shift, then floor(u·(t_max − t_min) + t_min). σ = t / 1000.
+
+    sd-scripts casts t to the weight dtype (bf16 rounds t above 256 to even numbers and above
+    512 to multiples of 4); we keep exact integers in float32.
+    """
+    u = sample_density_u(
+        cfg.weighting_scheme,
+        batch_size,
+        logit_mean=cfg.logit_mean,
+        logit_std=cfg.logit_std,
+        mode_scale=cfg.mode_scale,
+        generator=generator,
+        device=device,
+    )
+    u = shift_sigmas(u, cfg.training_shift)
+    t_min, t_max = cfg.timestep_range
+    # the mode map can leave [0, 1] by a rounding error; keep t inside the asked range
+    return torch.floor(u * (t_max - t_min) + t_min).clamp(t_min, t_max)
+
+
+def sd3_loss_weighting(scheme: str, sigmas: Tensor) -> Tensor:
+    """compute_loss_weighting, but 0 where σ = 0 (t = 0). There the x0 estimate x_σ − σ·v̂ is
+    x0 exactly, so the sample has no loss and no gradient under any scheme; sigma_sqrt's σ⁻²
+    would turn that 0 into 0·inf = NaN (as it does in sd-scripts)."""
+    weighting = compute_loss_weighting(scheme, sigmas)
+    return torch.where(sigmas > 0, weighting, torch.zeros_like(weighting))
+
+
+def sd3_x0_prediction(model_pred: Tensor, noisy: Tensor, sigmas: Tensor) -> Tensor:
+    """The MMDiT predicts the velocity v̂ (ε − x0 direction); x0 estimate = x_σ − σ·v̂."""
+    return noisy - _per_sample(sigmas, noisy) * model_pred

@@ -44,6 +44,7 @@ from library.training.config_file import parse_args_with_config, write_config_fi
 from library.training.file_hashes import BackgroundFileHash
 from library.training.losses import add_loss_arguments, LossConfig, compute_per_sample_loss, resize_mask_to_latent
 from library.training.lr_schedulers import add_lr_scheduler_arguments, build_lr_scheduler
+from library.training import memory
 from library.training import metadata as meta_lib
 from library.training.optimizers import add_optimizer_arguments, build_optimizer
 from library.training.sample_gallery import SampleRow, write_gallery
@@ -101,6 +102,7 @@ class RunState:
     trained_text_encoders: frozenset = frozenset()   # indices of text encoders with LoRA modules
     progress: object = None                 # the tqdm bar
     postfix: dict = field(default_factory=dict)   # what the bar shows after the step count
+    block_swap: object = None               # library.offload.BlockSwap with --blocks_to_swap, else None
 
 
 class NetworkTrainer:
@@ -150,8 +152,18 @@ class NetworkTrainer:
         """Refuse impossible option combinations before anything is loaded."""
 
     def block_lists(self, models: FamilyModels) -> list[torch.nn.ModuleList]:
-        """The denoiser's lists of transformer blocks (compiled one by one with --torch_compile)."""
+        """The denoiser's lists of transformer blocks, in execution order: what --torch_compile
+        compiles one by one, --blocks_to_swap swaps and --fp8_base stores in fp8."""
         return []
+
+    def model_name(self, models: FamilyModels) -> str:
+        """How messages name the loaded denoiser (e.g. "FLUX.1 dev")."""
+        return type(models.denoiser).__name__
+
+    def activation_bytes_estimate(self, args, models: FamilyModels, batch: int, height: int, width: int) -> int | None:
+        """Activation memory of one training step for a batch of `batch` images of height x width
+        pixels (for --blocks_to_swap auto); None when the family has no estimate."""
+        return None
 
     def encode_text_for_training(self, args, models: FamilyModels, captions: list[str], cached: dict | None,
                                  trained: frozenset, device: torch.device) -> dict:
@@ -177,6 +189,7 @@ class NetworkTrainer:
         common_args.add_network_arguments(parser)
         common_args.add_sampling_arguments(parser)
         common_args.add_logging_arguments(parser)
+        memory.add_memory_arguments(parser)
         add_dataset_arguments(parser)
         add_optimizer_arguments(parser)
         add_lr_scheduler_arguments(parser)
@@ -202,6 +215,8 @@ class NetworkTrainer:
         common_args.refuse_unsupported(args)
         meta_lib.check_metadata_args(args)
         self.validate_family_args(args)
+        for note in memory.check_memory_args(args):
+            print(f"note: {note}")
         self._loss_config = self.loss_config(args)
 
     # ---- the run ------------------------------------------------------------------------------
@@ -283,19 +298,20 @@ class NetworkTrainer:
 
     def prepare_run(self, args, accelerator, device, weight_dtype, models: FamilyModels, group,
                     val_group=None) -> RunState:
+        for m in [models.denoiser, *models.text_encoders, models.vae]:
+            if m is not None:
+                m.requires_grad_(False)
+        swapping = args.blocks_to_swap not in (None, 0)
+        if args.fp8_base:   # before the LoRA: it must wrap the fp8 forward
+            print(memory.quantize_base(models.denoiser, self.block_lists(models), device, weight_dtype,
+                                       model_name=self.model_name(models), keep_on_device=not swapping))
         network = self.create_network(args, models)
         trained_tes = frozenset(m.text_encoder_index for m in network.text_encoder_loras)
         network.to(device)
         if args.full_bf16:
             network.to(torch.bfloat16)
-        for m in [models.denoiser, *models.text_encoders, models.vae]:
-            if m is not None:
-                m.requires_grad_(False)
         if args.gradient_checkpointing:
-            models.denoiser.enable_gradient_checkpointing()
-        models.denoiser.to(device)
-        if args.torch_compile:
-            compile_blocks(self.block_lists(models), args.dynamo_backend)
+            models.denoiser.enable_gradient_checkpointing(cpu_offload=memory.offloads_checkpoints(args))
 
         te_lr = args.text_encoder_lr
         params, _descriptions = network.prepare_optimizer_params(
@@ -347,6 +363,7 @@ class NetworkTrainer:
         self.after_caching(args, models, device, keep=trained_tes)
         if trained_tes:
             self.text_encoding(args, models, device)   # puts the encoders on the device
+        self.place_denoiser(state, group)
         if accelerator.is_main_process:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             tracker_config = {k: v for k, v in vars(args).items() if k != "wandb_api_key"} if args.log_config else {}
@@ -365,6 +382,23 @@ class NetworkTrainer:
             for index, te in enumerate(models.text_encoders):
                 if te is not None and index not in keep:
                     te.to("cpu")
+
+    def place_denoiser(self, state: RunState, group) -> None:
+        """The denoiser onto the device, with --blocks_to_swap when asked (then per-block
+        compile is refused at argument checking), and --torch_compile."""
+        args, models = state.args, state.models
+        lists = self.block_lists(models)
+        batch, height, width = memory.largest_batch_pixels(group)
+        placement = memory.place_denoiser(
+            models.denoiser, lists, state.device, args.blocks_to_swap, model_name=self.model_name(models),
+            auto_fixed_bytes=lambda: memory.bytes_outside_blocks(models.denoiser, lists,
+                                                                 state.network.get_trainable_params()),
+            auto_activation_bytes=lambda: self.activation_bytes_estimate(args, models, batch, height, width))
+        state.block_swap = placement.swap
+        if placement.message:
+            print(placement.message)
+        if args.torch_compile:
+            compile_blocks(lists, args.dynamo_backend)
 
     # ---- the loop -----------------------------------------------------------------------------
     def loop(self, state: RunState) -> None:

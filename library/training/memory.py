@@ -1,0 +1,161 @@
+"""The memory options every family shares, from the command line to the placed denoiser.
+
+    --blocks_to_swap N|auto        library/offload.py (block swap over the family's block lists)
+    --fp8_base / --fp8_base_unet   library/fp8.py (frozen block Linears stored as float8_e4m3fn)
+    --cpu_offload_checkpointing    library/block_checkpointing.py + offload_checkpointing.py
+    --unsloth_offload_checkpointing  (the same mechanism: Anima's name for it)
+
+The loop calls, in this order: `check_memory_args` (before anything loads), `quantize_base`
+(before the LoRA wraps the Linears: the LoRA must wrap the fp8 forward), then, once the text
+encoders are off the GPU, `place_denoiser` (block swap or a plain move to the device).
+A family takes part by returning its block lists from `block_lists(models)`; a family with
+none (the SD UNet) gets a clear refusal for swap and fp8.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from library.errors import ConfigError
+from library.fp8 import Fp8Report, quantize_linears_
+from library.offload import (
+    GiB, BlockSwap, SwapList, check_blocks_to_swap, check_offload_options, choose_blocks_to_swap,
+    parse_blocks_to_swap, swappable_bytes,
+)
+
+
+def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("memory: block swap, fp8 base weights, offloaded checkpointing")
+    g.add_argument("--blocks_to_swap", type=parse_blocks_to_swap, default=None,
+                   help="keep this many transformer blocks' weights in CPU memory and bring each to the GPU just "
+                        "before it runs (copies overlap compute); 'auto' picks the smallest number that fits the "
+                        "free VRAM. Slower the more blocks are swapped. Not with offloaded checkpointing.")
+    g.add_argument("--fp8_base", action="store_true",
+                   help="store the frozen base model's block weights as float8_e4m3fn (half the memory of bf16; "
+                        "fp8 files load directly); LoRA stays in full precision. T5-XXL too where the family "
+                        "has it, unless --fp8_base_unet.")
+    g.add_argument("--fp8_base_unet", action="store_true",
+                   help="fp8 for the diffusion model only; text encoders stay bf16/fp16 (implies --fp8_base)")
+    g.add_argument("--cpu_offload_checkpointing", action="store_true",
+                   help="keep gradient checkpoints in CPU memory (saves ~1-2 GB at 1024px; a little slower); "
+                        "implies --gradient_checkpointing. Not with --blocks_to_swap.")
+    g.add_argument("--unsloth_offload_checkpointing", action="store_true",
+                   help="the same as --cpu_offload_checkpointing (asynchronous copies), under Anima's name")
+
+
+def check_memory_args(args: argparse.Namespace) -> list[str]:
+    """Refuse impossible combinations; returns notes for the log (implied options)."""
+    notes = []
+    check_offload_options(blocks_to_swap=args.blocks_to_swap, cpu_offload_checkpointing=args.cpu_offload_checkpointing,
+                          unsloth_offload_checkpointing=args.unsloth_offload_checkpointing)
+    if args.blocks_to_swap not in (None, 0) and getattr(args, "torch_compile", False):
+        raise ConfigError(f"--blocks_to_swap {args.blocks_to_swap} and --torch_compile cannot be used together yet "
+                          "(the swap hooks sit on the uncompiled blocks). Keep one of them.")
+    if args.blocks_to_swap == "auto" and not torch.cuda.is_available():
+        raise ConfigError("--blocks_to_swap auto sizes the swap to the free GPU memory, and there is no GPU here. "
+                          "Give a number, or remove it.")
+    if args.fp8_base_unet and not args.fp8_base:
+        args.fp8_base = True
+        notes.append("--fp8_base_unet implies --fp8_base (the diffusion model in fp8, text encoders in full precision)")
+    if (args.cpu_offload_checkpointing or args.unsloth_offload_checkpointing) and not args.gradient_checkpointing:
+        args.gradient_checkpointing = True
+        notes.append("offloaded checkpointing implies --gradient_checkpointing: enabled")
+    if args.fp8_base and args.mixed_precision == "no":
+        raise ConfigError("--fp8_base computes in the mixed-precision dtype: add --mixed_precision bf16 (or fp16)")
+    return notes
+
+
+def offloads_checkpoints(args) -> bool:
+    return bool(args.cpu_offload_checkpointing or args.unsloth_offload_checkpointing)
+
+
+def _require_blocks(lists: Sequence[nn.ModuleList], option: str, model_name: str) -> None:
+    if not lists:
+        raise ConfigError(f"{option} is not supported for {model_name}: it works on transformer block lists, "
+                          "which this model does not declare. Remove it.")
+
+
+def quantize_base(model: nn.Module, lists: Sequence[nn.ModuleList], device: torch.device,
+                  compute_dtype: torch.dtype, *, model_name: str, keep_on_device: bool) -> Fp8Report:
+    """fp8 for the block Linears, converted one block at a time on `device` (fast, and the model
+    is never on the GPU in bf16 all at once); blocks return to the CPU unless `keep_on_device`
+    (block swap places them afterwards)."""
+    _require_blocks(lists, "--fp8_base", model_name)
+    totals = [0, 0, 0, 0]
+    for blocks in lists:
+        for block in blocks:
+            home = next(block.parameters()).device
+            block.to(device)
+            report = quantize_linears_(block, [block], compute_dtype=compute_dtype)
+            if not keep_on_device:
+                block.to(home)
+            for i, v in enumerate((report.quantized, report.kept, report.bytes_before, report.bytes_after)):
+                totals[i] += v
+    # Linears outside the blocks keep (or, from an fp8 file, get) the compute dtype.
+    rest = quantize_linears_(model, [], compute_dtype=compute_dtype)
+    return Fp8Report(totals[0], totals[1] + rest.kept, totals[2] + rest.bytes_before, totals[3] + rest.bytes_after)
+
+
+@dataclass
+class Placement:
+    swap: BlockSwap | None
+    blocks_to_swap: int
+    message: str | None
+
+
+def place_denoiser(model: nn.Module, lists: Sequence[nn.ModuleList], device: torch.device, blocks_to_swap,
+                   *, model_name: str, auto_fixed_bytes: Callable[[], int] | None = None,
+                   auto_activation_bytes: Callable[[], int | None] | None = None) -> Placement:
+    """Move the denoiser to `device`, with block swap when asked. For 'auto', the free memory is
+    read now (call this when everything else that stays on the GPU is already there)."""
+    if blocks_to_swap in (None, 0):
+        model.to(device)
+        return Placement(None, 0, None)
+    _require_blocks(lists, "--blocks_to_swap", model_name)
+    depths = [len(b) for b in lists]
+    message = None
+    if blocks_to_swap == "auto":
+        activation = auto_activation_bytes() if auto_activation_bytes is not None else None
+        if activation is None:
+            raise ConfigError(f"--blocks_to_swap auto is not available for {model_name} yet (no activation "
+                              "estimate); give a number instead.")
+        free, _total = torch.cuda.mem_get_info(device)
+        choice = choose_blocks_to_swap(free_bytes=free, lists=[SwapList(d, swappable_bytes(b))
+                                                               for d, b in zip(depths, lists)],
+                                       fixed_bytes=auto_fixed_bytes() if auto_fixed_bytes else 0,
+                                       activation_bytes=activation)
+        blocks_to_swap, message = choice.blocks_to_swap, choice.reason
+    split = check_blocks_to_swap(int(blocks_to_swap), depths, model_name)
+    if sum(split) == 0:
+        model.to(device)
+        return Placement(None, 0, message)
+    swap = BlockSwap(device, list(zip(lists, split)))
+    swap.prepare(model)
+    note = (f"block swap: {blocks_to_swap} ({', '.join(f'{n} of {d}' for n, d in zip(split, depths))} blocks per "
+            f"list) in {swap.pinned_bytes() / GiB:.2f} GiB of {'pinned ' if device.type == 'cuda' else ''}CPU memory")
+    return Placement(swap, int(blocks_to_swap), f"{message}\n{note}" if message else note)
+
+
+def bytes_outside_blocks(model: nn.Module, lists: Sequence[nn.ModuleList], trainable: Sequence[torch.Tensor]) -> int:
+    """What stays on the GPU whatever the swap: weights outside the blocks, the blocks' vectors
+    (biases, norms), and the trained parameters with their gradients and two Adam states."""
+    block_ids = {id(t) for b in lists for t in b.parameters()}
+    outside = sum(t.numel() * t.element_size() for t in model.parameters() if id(t) not in block_ids)
+    vectors = sum(t.numel() * t.element_size() for b in lists for t in b.parameters() if t.ndim < 2)
+    lora = sum(p.numel() * 4 for p in trainable) * 4   # fp32 weights, grads, exp_avg, exp_avg_sq
+    return outside + vectors + lora
+
+
+def largest_batch_pixels(group) -> tuple[int, int, int]:
+    """(batch size, height, width) of the most demanding batch the datasets can form."""
+    best = (0, 0, 0)
+    for ds in group.datasets:
+        for (w, h) in ds.bucket_slots:
+            if ds.batch_size * w * h > best[0] * best[1] * best[2]:
+                best = (ds.batch_size, h, w)
+    return best
