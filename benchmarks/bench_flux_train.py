@@ -4,6 +4,7 @@
     python benchmarks/bench_flux_train.py --tiny --device cpu --steps 3     # quick check on CPU
     python benchmarks/bench_flux_train.py --variant chroma                  # Chroma (T5 mask applied)
     python benchmarks/bench_flux_train.py --train_text_encoders clip_l+t5   # + CLIP-L and T5-XXL LoRA
+    python benchmarks/bench_flux_train.py --blocks_to_swap 18 --fp8_base    # the memory options
 
 The step is the trainer's own code (FluxNetworkTrainer.noisy_input / denoise / loss_terms, the
 shared loss, LoRA from networks.lora_flux, the optimizer builder), fed with synthetic cached
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flux_train_network import FluxNetworkTrainer  # noqa: E402
 from library.flux.model import VARIANTS  # noqa: E402
+from library.training import memory  # noqa: E402
 from library.tiny.flux import build_flux_model, tiny_flux_params  # noqa: E402
 from library.training.losses import compute_per_sample_loss  # noqa: E402
 from library.training.optimizers import build_optimizer  # noqa: E402
@@ -81,6 +83,9 @@ def main() -> None:
     ap.add_argument("--variant", choices=["dev", "chroma"], default="dev")
     ap.add_argument("--train_text_encoders", choices=["none", "clip_l", "clip_l+t5"], default="none",
                     help="also train text-encoder LoRA (live encoding; T5 outputs cached with clip_l alone)")
+    ap.add_argument("--blocks_to_swap", type=int, default=0, help="block swap, as the trainer places the DiT")
+    ap.add_argument("--fp8_base", action="store_true", help="fp8 block weights, as the trainer converts them")
+    ap.add_argument("--cpu_offload_checkpointing", action="store_true")
     a = ap.parse_args()
 
     device = torch.device(a.device)
@@ -92,7 +97,11 @@ def main() -> None:
     dit.requires_grad_(False)
     build_s = time.perf_counter() - t0
     if not a.no_grad_ckpt:
-        dit.enable_gradient_checkpointing()
+        dit.enable_gradient_checkpointing(cpu_offload=a.cpu_offload_checkpointing)
+    lists = [dit.double_blocks, dit.single_blocks]
+    fp8_report = None
+    if a.fp8_base:   # the trainer's own conversion, before the LoRA wraps the layers
+        fp8_report = str(memory.quantize_base(dit, lists, device, dtype, model_name="FLUX", keep_on_device=True))
 
     trainer = FluxNetworkTrainer()
     args = trainer.build_parser().parse_args([
@@ -110,6 +119,8 @@ def main() -> None:
                                        train_t5xxl=str(1 in trained_tes))
     network.apply_to(apply_text_encoder=bool(trained_tes), apply_unet=True)
     network.to(device)
+    placement = memory.place_denoiser(dit, lists, device, a.blocks_to_swap, model_name="FLUX")
+    torch.cuda.empty_cache() if device.type == "cuda" else None
     if a.compile:
         compile_blocks(trainer.block_lists(models), "inductor")
     groups, _ = network.prepare_optimizer_params(text_encoder_lr=None, unet_lr=None, default_lr=1e-4)
@@ -161,6 +172,9 @@ def main() -> None:
         "model": ("tiny-" if a.tiny else "") + ("chroma" if chroma else "flux1-dev"),
         "train_text_encoders": a.train_text_encoders, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "size": a.size, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt, "compile": a.compile,
+        "blocks_to_swap": a.blocks_to_swap, "fp8_base": a.fp8_base, "cpu_offload_checkpointing": a.cpu_offload_checkpointing,
+        "fp8": fp8_report, "swap": placement.message,
+        "fallback_loads": placement.swap.stats.fallback_loads if placement.swap else None,
         "build_s": round(build_s, 2), "median_s": round(med, 4), "p90_s": round(p90, 4),
         "steps": a.steps, "useful_tflop_per_step": round(flops / 1e12, 1),
         "mfu": round(flops / med / (a.peak_tflops * 1e12), 3) if device.type == "cuda" else None,

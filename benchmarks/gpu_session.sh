@@ -3,12 +3,44 @@
 #   bash benchmarks/gpu_session.sh [base|features|all]
 #     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
+#     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
 set -uo pipefail
 WHAT=${1:-all}
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch,transformers,accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)" | tee -a "$OUT/gpu.txt"
+
+if [ "$WHAT" = memory ] || [ "$WHAT" = all ]; then
+  echo "== GPU tests"
+  python3 -m pytest -q -m gpu tests -p no:randomly 2>&1 | tail -15 | tee "$OUT/gpu_tests_memory.log"
+  echo "== CUDA bf16 e2e: no swap vs --blocks_to_swap 2 vs --fp8_base vs offloaded checkpoints (tiny, 4+4 blocks)"
+  M=/tmp/mem; rm -rf $M; python3 -m library.tiny flux --variant dev --out $M/m > /dev/null
+  python3 -c "
+from dataclasses import replace
+from library.tiny.flux import tiny_flux_params, write_flux_dit
+from library.tiny.images import write_shapes_dataset
+write_flux_dit('$M/deep.safetensors', 'dev', params=replace(tiny_flux_params('dev'), depth=4, depth_single_blocks=4), seed=4)
+write_shapes_dataset('$M/images', 8)"
+  printf '[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 128\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = "%s"\n' "$M/images" > $M/ds.toml
+  for cfg in "base:" "swap:--blocks_to_swap 2" "fp8:--fp8_base" "fp8swap:--fp8_base --blocks_to_swap 2" "offck:--cpu_offload_checkpointing"; do
+    name=${cfg%%:*}; extra=${cfg#*:}
+    python3 flux_train_network.py --pretrained_model_name_or_path $M/deep.safetensors --clip_l $M/m/clip_l.safetensors \
+      --t5xxl $M/m/t5xxl.safetensors --ae $M/m/ae.safetensors --tokenizer_cache_dir $M/m/tokenizers \
+      --dataset_config $M/ds.toml --output_dir $M/out_$name --output_name mem --network_module networks.lora_flux \
+      --network_dim 8 --network_alpha 8 --network_train_unet_only --learning_rate 2e-3 --max_train_steps 12 \
+      --mixed_precision bf16 --gradient_checkpointing --cache_latents --cache_text_encoder_outputs \
+      --t5xxl_max_token_length 32 --guidance_scale 1.0 --timestep_sampling shift --discrete_flow_shift 3.1582 \
+      --model_prediction_type raw --seed 1 --sample_prompts configs/quickstart/prompts.txt --sample_every_n_steps 12 \
+      $extra > "$OUT/e2e_mem_$name.log" 2>&1
+    echo "$name rc=$? losses: $(python3 -c "import json;print([round(json.loads(l)['loss'],5) for l in open('$M/out_$name/mem_log.jsonl') if 'loss' in l])" 2>&1)" | tee -a "$OUT/e2e_mem.txt"
+  done
+  echo "== full-size FLUX.1-dev LoRA step: memory options (trainer code path)"
+  for extra in "" "--blocks_to_swap 18" "--fp8_base" "--fp8_base --blocks_to_swap 18" "--cpu_offload_checkpointing" "--blocks_to_swap 35"; do
+    python3 benchmarks/bench_flux_train.py --device cuda --steps 25 $extra 2>&1 | tail -1 | tee -a "$OUT/bench_memory.jsonl"
+  done
+  [ "$WHAT" = memory ] && exit 0
+fi
 
 if [ "$WHAT" = features ] || [ "$WHAT" = all ]; then
   echo "== full-size Chroma and text-encoder LoRA steps (1024x1024, rank 16, bf16, grad ckpt)"

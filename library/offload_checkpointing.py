@@ -62,7 +62,10 @@ class _Entry:
     def __init__(self, owner: OffloadedCheckpoint, fn, leaves, spec, tensor_pos, prev):
         self.owner = owner
         self.fn = fn
-        self.leaves = list(leaves)
+        # The tensor arguments are not kept here (they are in `saved`/`kept`): holding the GPU
+        # originals would keep every block input alive and defeat the offload.
+        positions = set(tensor_pos)
+        self.leaves = [None if i in positions else v for i, v in enumerate(leaves)]
         self.spec = spec
         self.tensor_pos = tensor_pos
         self.prev = prev                     # weakref to the entry of the block before

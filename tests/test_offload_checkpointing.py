@@ -117,3 +117,23 @@ def test_chain_of_blocks_frees_each_entry_after_its_backward(n_blocks):
     h.sum().backward()
     assert all(b.weight.grad is not None for b in blocks)
     assert ckpt._last is not None and ckpt._last() is None    # the graph and its CPU copies are gone
+
+
+def test_offloaded_inputs_are_not_held_on_their_device():
+    """Once a block has run, only the offloaded copy of its input remains: the checkpoint must
+    not keep the original alive (on a GPU that would defeat the offload)."""
+    import gc
+    import weakref
+
+    checkpoint = OffloadedCheckpoint()
+    block = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    hidden = x * 2                      # a block input inside the graph, like the hidden states
+    alive = weakref.ref(hidden)
+    out = checkpoint(block, hidden)
+    del hidden
+    gc.collect()
+    assert alive() is None
+    out.square().sum().backward()
+    expected = torch.autograd.grad(block(x * 2).square().sum(), x)[0]
+    assert torch.allclose(x.grad, expected)
