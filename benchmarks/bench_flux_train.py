@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--blocks_to_swap", type=int, default=0, help="block swap, as the trainer places the DiT")
     ap.add_argument("--fp8_base", action="store_true", help="fp8 block weights, as the trainer converts them")
     ap.add_argument("--cpu_offload_checkpointing", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="after timing, print the top kernels of 2 steps (stderr)")
     a = ap.parse_args()
 
     device = torch.device(a.device)
@@ -163,6 +164,14 @@ def main() -> None:
         step()
         sync()
         times.append(time.perf_counter() - t)
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+            sync()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda" else
+                                        "self_cpu_time_total", row_limit=25), file=sys.stderr)
     measured = times[5:] if len(times) > 6 else times
     med = statistics.median(measured)
     p90 = sorted(measured)[int(0.9 * (len(measured) - 1))]
