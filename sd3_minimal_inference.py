@@ -1,4 +1,4 @@
-"""Generate an image with SD3 Medium, SD3.5 Medium or SD3.5 Large, optionally with LoRA files.
+r"""Generate an image with SD3 Medium, SD3.5 Medium or SD3.5 Large, optionally with LoRA files.
 
     python sd3_minimal_inference.py --ckpt_path sd3.5_large.safetensors --clip_l clip_l.safetensors \
         --clip_g clip_g.safetensors --t5xxl t5xxl_fp16.safetensors --prompt "a cat" \
@@ -21,7 +21,7 @@ import torch
 
 from library.errors import ConfigError, UserError
 from library.sd3.loading import load_sd3_mmdit, load_sd3_vae
-from library.sd3.sampling import SAMPLING_SHIFT, generate_image
+from library.sd3.sampling import SAMPLING_SHIFT, generate_image, round_image_size
 from library.sd3.text import DEFAULT_T5_MAX_LENGTH, SD3TextEncoding
 from library.training.sample_prompts import parse_prompt_line
 
@@ -127,6 +127,8 @@ class Generator:
                   "in T5's place")
         self.vae = load_sd3_vae(args.ckpt_path, args.vae, device=load_device, dtype=self.dtype)
         print(f"{Path(args.ckpt_path).name}: {info.variant.label}, {self.dtype}, {self.device}")
+        self.label = info.variant.label
+        self.max_pixels = info.params.pos_embed_max_size * 8 * info.params.patch_size
         self.encoders = [self.text.clip_l, self.text.clip_g, self.text.t5]
         self.networks = apply_loras(args.lora_weights, self.mmdit, self.encoders, self.vae, args.merge_lora_weights,
                                     load_device)
@@ -140,6 +142,10 @@ class Generator:
     @torch.no_grad()
     def image(self, prompt: str, negative_prompt: str, *, width: int, height: int, steps: int, cfg_scale: float,
               seed: int | None):
+        w, h = round_image_size(width, height)
+        if w > self.max_pixels or h > self.max_pixels:
+            raise ConfigError(f"{w}x{h}: {self.label}'s positional embedding covers at most "
+                              f"{self.max_pixels}x{self.max_pixels} pixels; choose a smaller size")
         if self.offload:
             self._place(self.encoders + self.networks, self.device)
         outputs = self.text.encode([prompt, negative_prompt]).to(self.device)
@@ -200,13 +206,14 @@ def interactive(gen: Generator, args: argparse.Namespace) -> None:
             break
         try:
             p = parse_prompt_line(line, index)
+            image = gen.image(p.prompt, p.negative_prompt if p.negative_prompt is not None else args.negative_prompt,
+                              width=p.width or args.width, height=p.height or args.height,
+                              steps=p.sample_steps or args.steps,
+                              cfg_scale=p.scale if p.scale is not None else args.cfg_scale,
+                              seed=p.seed if p.seed is not None else args.seed)
         except UserError as e:
             print(f"error: {e}")
             continue
-        image = gen.image(p.prompt, p.negative_prompt if p.negative_prompt is not None else args.negative_prompt,
-                          width=p.width or args.width, height=p.height or args.height,
-                          steps=p.sample_steps or args.steps, cfg_scale=p.scale if p.scale is not None else args.cfg_scale,
-                          seed=p.seed if p.seed is not None else args.seed)
         save(image, Path(args.output_dir) / f"{time.strftime('%Y%m%d_%H%M%S')}_{index:02d}.png")
         index += 1
 

@@ -65,6 +65,7 @@ class SD3LatentEncoder:
 class SD3NetworkTrainer(NetworkTrainer):
     reso_step_multiple = 32
     default_resolution = 1024
+    _dropout = TextDropout()   # set from the options by validate_family_args
 
     # ---- options ------------------------------------------------------------------------------
     def add_family_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -202,8 +203,7 @@ class SD3NetworkTrainer(NetworkTrainer):
             sizes = latent_sizes_for_resolutions([ds.spec.resolution for ds in group.datasets])
             models.denoiser.enable_scaled_pos_embed(sizes)
             print(f"scaled positional embeddings for latent sizes {sizes}")
-        else:
-            check_image_sizes(args, models, [group, val_group])
+        check_image_sizes(args, models, [group, val_group])
         return super().prepare_run(args, accelerator, device, weight_dtype, models, group, val_group)
 
     # ---- text ---------------------------------------------------------------------------------
@@ -326,25 +326,31 @@ def random_pos_crop(mmdit: torch.nn.Module, enabled: bool):
 
 
 def check_image_sizes(args, models: FamilyModels, groups) -> None:
-    """Every bucket and sample size must fit the positional table (G x G patches of 16 px)."""
-    grid = models.info.params.pos_embed_max_size
-    limit = grid * 8 * models.info.params.patch_size
-    problems = []
+    """Every bucket and sample size must fit the positional embedding (the table of G x G
+    patches of 16 px, or the scaled tables with --enable_scaled_pos_embed): asked of the model
+    itself, before training starts instead of at the first batch or sample that does not fit."""
+    pixels_per_patch = 8 * models.info.params.patch_size
+    sizes: dict[tuple[int, int], str] = {}
     for group in groups:
         if group is None:
             continue
         for ds in group.datasets:
-            problems += [f"bucket {w}x{h}" for (w, h) in ds.bucket_slots if w > limit or h > limit]
+            for w, h in ds.bucket_slots:
+                sizes.setdefault((w, h), f"bucket {w}x{h}")
     if args.sample_prompts:
         for p in load_sample_prompts(args.sample_prompts):
             w, h = sd3_sampling.round_image_size(p.width or SAMPLE_DEFAULTS["width"],
                                                  p.height or SAMPLE_DEFAULTS["height"])
-            if w > limit or h > limit:
-                problems.append(f"sample prompt {p.index} ({w}x{h})")
+            sizes.setdefault((w, h), f"sample prompt {p.index} ({w}x{h})")
+    problems = []
+    for (w, h), what in sizes.items():
+        try:
+            models.denoiser.positional_embedding(h // pixels_per_patch, w // pixels_per_patch)
+        except ValueError as e:
+            problems.append(f"{what}: {e}")
     if problems:
-        raise ConfigError(f"{models.info.variant.label}'s positional embedding covers at most {limit}x{limit} pixels "
-                          f"({grid}x{grid} patches); too large: {', '.join(sorted(set(problems)))}. Lower "
-                          "max_bucket_reso / the resolution, or the sample size.")
+        raise ConfigError(f"these image sizes do not fit {models.info.variant.label}'s positional embedding:\n  "
+                          + "\n  ".join(problems) + "\nLower max_bucket_reso / the resolution, or the sample size.")
 
 
 def foreign_prompt_options(path: str) -> list[str]:
