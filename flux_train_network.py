@@ -22,6 +22,7 @@ from library.flux.loading import load_flux_dit
 from library.flux.text import FluxTextCacheEncoder, FluxTextEncoding, FluxTextOutputs
 from library.autoencoders import load_flux_ae
 from library.text_encoders import file_fingerprint
+from library.training import memory
 from library.training.flow_trainer import FlowMatchingTrainer
 from library.training.flow_matching import add_flow_matching_arguments
 from library.training.trainer import FamilyModels, NoisyInput, parse_network_args
@@ -114,15 +115,16 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
 
     # ---- models -------------------------------------------------------------------------------
     def load_models(self, args, device, weight_dtype) -> FamilyModels:
+        where = memory.load_device(args, device)
         dit, info = load_flux_dit(args.pretrained_model_name_or_path, model_type=args.model_type,
-                                  device="cpu", dtype=weight_dtype)
+                                  device=where, dtype=weight_dtype)
         if args.t5xxl_max_token_length is None:
             args.t5xxl_max_token_length = 256 if info.variant == "schnell" else 512
-        ae = load_flux_ae(args.ae, device="cpu", dtype=weight_dtype)
+        ae = load_flux_ae(args.ae, device=where, dtype=weight_dtype)
         text = FluxTextEncoding.from_files(
             clip_l_path=args.clip_l if args.model_type == "flux" else None, t5xxl_path=args.t5xxl,
             t5_max_length=args.t5xxl_max_token_length, apply_t5_attn_mask=args.apply_t5_attn_mask,
-            tokenizer_cache_dir=args.tokenizer_cache_dir, device="cpu", dtype=weight_dtype,
+            tokenizer_cache_dir=args.tokenizer_cache_dir, device=where, dtype=weight_dtype,
             t5_fp8_storage=args.fp8_base and not args.fp8_base_unet)
         return FamilyModels(denoiser=dit, text_encoders=[text.clip_l, text.t5], vae=ae, info=info,
                             extra={"text": text})

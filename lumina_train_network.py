@@ -23,12 +23,14 @@ import torch
 from library.attention import set_attention_backend
 from library.autoencoders import load_flux_ae
 from library.errors import ConfigError
+from library.fp8 import quantize_linears_
 from library.lumina.loading import describe_variant, load_lumina_dit
 from library.lumina.model import VARIANTS
 from library.lumina.sampling import (DEFAULT_CFG_SCALE, DEFAULT_CFG_TRUNC_RATIO, DEFAULT_RENORM_CFG, DEFAULT_SHIFT,
                                      DEFAULT_SIZE, DEFAULT_STEPS, LuminaConditioning, generate_image)
 from library.lumina.text import (LuminaTextCacheEncoder, LuminaTextEncoding, LuminaTextOutputs, add_text_arguments,
                                  check_max_length)
+from library.offload import estimate_activation_bytes
 from library.text_encoders import file_fingerprint
 from library.training.flow_matching import add_flow_matching_arguments
 from library.training.flow_trainer import FlowMatchingTrainer
@@ -111,11 +113,16 @@ class LuminaNetworkTrainer(FlowMatchingTrainer):
             problems.append(str(e))
         text_cached = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
         if text_cached and not args.network_train_unet_only:
-            problems.append(
-                "--cache_text_encoder_outputs cannot be used while a Gemma2 LoRA is trained, which is the default "
-                "unless --network_train_unet_only is given: the trained Gemma2 must run on every step, so its "
-                "outputs cannot come from a cache. Add --network_train_unet_only to train the DiT only (the cache "
-                "is then used), or remove --cache_text_encoder_outputs to train a Gemma2 LoRA as well.")
+            if args.network_train_text_encoder_only:
+                problems.append("--network_train_text_encoder_only trains Gemma2, which then runs on every step: "
+                                "remove --cache_text_encoder_outputs")
+            else:
+                # The guide's own command caches text outputs without --network_train_unet_only: as for
+                # Anima, cached text means the DiT alone is trained; said, not silent.
+                print("note: --cache_text_encoder_outputs without --network_train_unet_only: the text outputs are "
+                      "cached, so only the DiT LoRA is trained. Remove --cache_text_encoder_outputs to train a "
+                      "Gemma2 LoRA too.")
+                args.network_train_unet_only = True
         if args.text_encoder_lr is not None and len(args.text_encoder_lr) > 1:
             problems.append(f"--text_encoder_lr got {len(args.text_encoder_lr)} values; Lumina has one text "
                             "encoder (Gemma2): give one value")
@@ -146,7 +153,23 @@ class LuminaNetworkTrainer(FlowMatchingTrainer):
         text = LuminaTextEncoding.from_files(
             gemma2_path=args.gemma2, max_length=args.gemma2_max_token_length, system_prompt=args.system_prompt,
             tokenizer_cache_dir=args.tokenizer_cache_dir, device="cpu", dtype=self.gemma2_dtype(weight_dtype))
+        if args.fp8_base and not args.fp8_base_unet:
+            # as sd-scripts: --fp8_base stores the text encoder's matrices in fp8 too (not with --fp8_base_unet)
+            report = quantize_linears_(text.gemma2, [text.gemma2.layers], compute_dtype=self.gemma2_dtype(weight_dtype))
+            print(f"Gemma2: {report}")
         return FamilyModels(denoiser=dit, text_encoders=[text.gemma2], vae=ae, info=info, extra={"text": text})
+
+    def model_name(self, models) -> str:
+        return f"Lumina Image 2.0 ({models.denoiser.params.n_layers} layers)"
+
+    def activation_bytes_estimate(self, args, models, batch, height, width):
+        """For --blocks_to_swap auto: the joint sequence (image patches + the longest caption) through
+        the main layers and, about as long, the noise refiners."""
+        p = models.denoiser.params
+        tokens = (height // 16) * (width // 16) + args.gemma2_max_token_length
+        return estimate_activation_bytes(batch=batch, tokens=tokens, hidden=p.dim, mlp_hidden=p.ffn_hidden_dim,
+                                         num_blocks=p.n_layers + p.n_refiner_layers,
+                                         gradient_checkpointing=args.gradient_checkpointing)
 
     def latent_encoder(self, args, models, device):
         if not hasattr(self, "_latent_encoder"):
@@ -161,9 +184,9 @@ class LuminaNetworkTrainer(FlowMatchingTrainer):
     @staticmethod
     def gemma2_precision(text: LuminaTextEncoding):
         """No autocast around a float32 Gemma2 (fp16 mixed precision would run it in float16)."""
-        if next(text.gemma2.parameters()).dtype == torch.float32 and torch.is_autocast_enabled():
-            device_type = next(text.gemma2.parameters()).device.type
-            return torch.autocast(device_type, enabled=False)
+        weight = text.gemma2.embed_tokens.weight
+        if weight.dtype == torch.float32 and torch.is_autocast_enabled(weight.device.type):
+            return torch.autocast(weight.device.type, enabled=False)
         return contextlib.nullcontext()
 
     def encode_text_for_training(self, args, models, captions, cached, trained, device):
@@ -175,9 +198,10 @@ class LuminaNetworkTrainer(FlowMatchingTrainer):
                 "input_ids": out.input_ids.to(device)}
 
     def block_lists(self, models):
-        """The 26 main `layers` only. The two noise and two context refiners stay outside: they run
-        on the image or the caption alone (a small share of the compute), and sd-scripts' block swap
-        counts only `layers` (at most 24 of 26), so --blocks_to_swap N means the same here."""
+        """The 26 main `layers` only (what --blocks_to_swap swaps, --fp8_base stores in fp8 and
+        --torch_compile compiles). The two noise and two context refiners stay outside: they run on
+        the image or the caption alone (a small share of compute and weights), and sd-scripts'
+        block swap counts only `layers` (at most 24 of 26), so --blocks_to_swap N means the same."""
         return [models.denoiser.layers]
 
     # ---- the forward --------------------------------------------------------------------------

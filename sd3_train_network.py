@@ -96,8 +96,6 @@ class SD3NetworkTrainer(NetworkTrainer):
         g.add_argument("--enable_scaled_pos_embed", action="store_true",
                        help="experimental, for SD3.5 M multi-resolution training: one positional table per "
                             "dataset resolution, so every resolution sees the same central positions")
-        g.add_argument("--disable_mmap_load_safetensors", action="store_true",
-                       help="not supported yet (refused): model files are read memory-mapped")
         fm.add_sd3_timestep_arguments(parser)
 
     def validate_family_args(self, args) -> None:
@@ -108,9 +106,6 @@ class SD3NetworkTrainer(NetworkTrainer):
             path = getattr(args, option)
             if path and not os.path.exists(path):
                 problems.append(f"--{option} {path}: file not found")
-        if args.disable_mmap_load_safetensors:
-            problems.append("--disable_mmap_load_safetensors is not supported yet: model files are read "
-                            "memory-mapped. Remove it.")
         if args.max_token_length is not None:
             problems.append(f"--max_token_length {args.max_token_length} is for SD 1.x/2.x: SD3's CLIP encoders read "
                             "77 tokens. Remove it (use --t5xxl_max_token_length for T5).")

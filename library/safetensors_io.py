@@ -52,14 +52,51 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], s
     return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
 
 
+# `--disable_mmap_load_safetensors`: read tensors with plain file reads instead of mapping the
+# file. Set once by the entry script (`set_mmap_loading`), before any model is loaded: memory
+# maps of network drives or of files larger than free RAM behave badly on some systems (Windows).
+_use_mmap = True
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def set_mmap_loading(enabled: bool) -> None:
+    global _use_mmap
+    _use_mmap = bool(enabled)
+
+
 def load_file(path: str | os.PathLike, device: str | torch.device = "cpu",
               keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Load tensors (memory-mapped on CPU: pages are read on first touch)."""
-    read_header(path)  # a clear error for missing or corrupt files
+    """Load tensors (memory-mapped on CPU: pages are read on first touch; plain reads after
+    `set_mmap_loading(False)`)."""
+    header = read_header(path)  # a clear error for missing or corrupt files
+    if not _use_mmap:
+        return _load_with_reads(path, header, device, keys)
     out = {}
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         for k in keys if keys is not None else f.keys():
             out[k] = f.get_tensor(k)
+    return out
+
+
+def _load_with_reads(path, header: dict, device, keys: list[str] | None) -> dict[str, torch.Tensor]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        out = {}
+        for k in keys if keys is not None else [k for k in header if k != "__metadata__"]:
+            info = header[k]
+            if info["dtype"] not in _DTYPES:
+                raise ModelFileError(f"{path}: tensor {k} has dtype {info['dtype']}, which is not supported.")
+            start, end = info["data_offsets"]
+            dtype, shape = _DTYPES[info["dtype"]], tuple(info["shape"])
+            if end == start:
+                out[k] = torch.empty(shape, dtype=dtype, device=device)
+                continue
+            f.seek(8 + n + start)
+            data = bytearray(f.read(end - start))
+            out[k] = torch.frombuffer(data, dtype=dtype).reshape(shape).to(device)
     return out
 
 

@@ -43,3 +43,26 @@ def test_nan_loss_stops_with_the_step(tmp_path):
     NetworkTrainer().report_losses(State(), [(1, 0.5)], [], Bar())
     with pytest.raises(TrainingDiverged, match="at step 2"):
         NetworkTrainer().report_losses(State(), [(2, float("nan"))], [], Bar())
+
+
+def test_loading_without_mmap_reads_the_same_tensors(tmp_path):
+    """--disable_mmap_load_safetensors: plain file reads give exactly the memory-mapped tensors."""
+    import torch
+
+    from library import safetensors_io as sio
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(2, 2).bfloat16(),
+               "d": torch.randn(4, 4).to(torch.float8_e4m3fn), "e": torch.empty(0, 3)}
+    path = tmp_path / "t.safetensors"
+    sio.save_file_atomic(tensors, path)
+    mapped = sio.load_file(path)
+    try:
+        sio.set_mmap_loading(False)
+        read = sio.load_file(path)
+        part = sio.load_file(path, keys=["c"])
+    finally:
+        sio.set_mmap_loading(True)
+    assert set(read) == set(tensors) and list(part) == ["c"]
+    for k, t in tensors.items():
+        assert read[k].dtype == t.dtype and read[k].shape == t.shape
+        assert torch.equal(read[k].view(torch.uint8), mapped[k].view(torch.uint8)) if t.numel() else True

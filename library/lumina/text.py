@@ -104,8 +104,9 @@ class LuminaTextEncoding:
         from library.text_encoders import file_fingerprint
 
         check_max_length(max_length)
-        tokenizer = load_gemma2_tokenizer(gemma2_path, local_path=tokenizer_path, cache_dir=tokenizer_cache_dir)
+        # the model first: a wrong file is refused by name before any tokenizer (hub) look-up
         gemma2 = load_gemma2(gemma2_path, device=device, dtype=dtype)
+        tokenizer = load_gemma2_tokenizer(gemma2_path, local_path=tokenizer_path, cache_dir=tokenizer_cache_dir)
         return cls(tokenizer, gemma2, max_length=max_length, system_prompt=system_prompt,
                    weights_identity=file_fingerprint(gemma2_path))
 

@@ -65,8 +65,6 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sdpa", action="store_true", help="use PyTorch scaled-dot-product attention (the default)")
     g.add_argument("--xformers", action="store_true", help="use xformers attention")
     g.add_argument("--mem_eff_attn", action="store_true", help="(SD only) memory-efficient attention")
-    g.add_argument("--highvram", action="store_true", help="keep models on the GPU while caching")
-    g.add_argument("--lowram", action="store_true", help="load models straight to the GPU")
     g.add_argument("--vae_batch_size", type=int, default=1, help="batch size when caching latents")
     g.add_argument("--text_encoder_batch_size", type=int, default=None,
                    help="batch size when caching text-encoder outputs (default: the training batch size)")

@@ -23,6 +23,7 @@ from torch import nn
 
 from library.errors import ConfigError
 from library.fp8 import Fp8Report, quantize_linears_
+from library.safetensors_io import set_mmap_loading
 from library.offload import (
     GiB, BlockSwap, SwapList, check_blocks_to_swap, check_offload_options, choose_blocks_to_swap,
     parse_blocks_to_swap, swappable_bytes,
@@ -46,11 +47,21 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
                         "implies --gradient_checkpointing. Not with --blocks_to_swap.")
     g.add_argument("--unsloth_offload_checkpointing", action="store_true",
                    help="the same as --cpu_offload_checkpointing (asynchronous copies), under Anima's name")
+    g.add_argument("--highvram", action="store_true",
+                   help="keep the autoencoder and text encoders on the GPU after caching (faster sampling, "
+                        "more VRAM)")
+    g.add_argument("--lowram", action="store_true",
+                   help="load the models straight to the GPU instead of CPU memory (machines with more VRAM "
+                        "than RAM)")
+    g.add_argument("--disable_mmap_load_safetensors", action="store_true",
+                   help="read .safetensors files with plain reads instead of memory-mapping them (helps on "
+                        "Windows and network drives)")
 
 
 def check_memory_args(args: argparse.Namespace) -> list[str]:
     """Refuse impossible combinations; returns notes for the log (implied options)."""
     notes = []
+    set_mmap_loading(not args.disable_mmap_load_safetensors)
     check_offload_options(blocks_to_swap=args.blocks_to_swap, cpu_offload_checkpointing=args.cpu_offload_checkpointing,
                           unsloth_offload_checkpointing=args.unsloth_offload_checkpointing)
     if args.blocks_to_swap not in (None, 0) and getattr(args, "torch_compile", False):
@@ -68,6 +79,12 @@ def check_memory_args(args: argparse.Namespace) -> list[str]:
     if args.fp8_base and args.mixed_precision == "no":
         raise ConfigError("--fp8_base computes in the mixed-precision dtype: add --mixed_precision bf16 (or fp16)")
     return notes
+
+
+def load_device(args, device: torch.device) -> torch.device | str:
+    """Where a family's load_models puts the models: the GPU with --lowram, else the CPU (they
+    are moved when needed)."""
+    return device if args.lowram else "cpu"
 
 
 def offloads_checkpoints(args) -> bool:

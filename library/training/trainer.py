@@ -374,7 +374,9 @@ class NetworkTrainer:
 
     def after_caching(self, args, models: FamilyModels, device, keep: frozenset = frozenset()) -> None:
         """Free what the cache made unnecessary (encoders whose outputs are all cached, except the
-        trained ones in `keep`)."""
+        trained ones in `keep`). --highvram keeps everything where it is."""
+        if args.highvram:
+            return
         if args.cache_latents or args.cache_latents_to_disk:
             if models.vae is not None and not args.sample_prompts:
                 models.vae.to("cpu")

@@ -1,0 +1,158 @@
+"""Benchmark a Lumina Image 2.0 LoRA training step at full size with random weights (TARGETS.md setting).
+
+    python benchmarks/bench_lumina_train.py --device cuda --steps 40                    # 2.6 B DiT, 1024x1024, SDPA
+    python benchmarks/bench_lumina_train.py --device cuda --steps 40 --use_flash_attn   # flash-attn (varlen)
+    python benchmarks/bench_lumina_train.py --tiny --device cpu --steps 3               # quick check on CPU
+
+The step is the trainer's own code (LuminaNetworkTrainer.noisy_input / denoise / loss_terms with
+the guide's recommended options: nextdit_shift, shift 6.0, raw prediction; the shared loss; LoRA
+from networks.lora_lumina; the optimizer builder), fed with synthetic cached latents and Gemma2
+outputs, i.e. what `--cache_latents --cache_text_encoder_outputs --network_train_unet_only`
+gives the loop. The caption is right-padded to --cap_len with --cap_tokens real tokens (the
+system prompt plus a caption); the DiT drops the padding. Prints one JSON line: median/p90 step
+time over steps 6.., peak memory, and model FLOPs utilisation as TARGETS.md defines it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from library.attention import set_attention_backend  # noqa: E402
+from library.errors import ConfigError  # noqa: E402
+from library.lumina.model import VARIANTS, LuminaParams  # noqa: E402
+from library.tiny.lumina import build_lumina_model, tiny_lumina_params  # noqa: E402
+from library.training.losses import compute_per_sample_loss  # noqa: E402
+from library.training.optimizers import build_optimizer  # noqa: E402
+from library.training.trainer import FamilyModels, compile_blocks  # noqa: E402
+from lumina_train_network import LuminaNetworkTrainer  # noqa: E402
+from networks import lora_lumina  # noqa: E402
+
+
+def useful_flops(p: LuminaParams, img_tokens: int, cap_tokens: int, batch: int) -> float:
+    """2F (TARGETS.md): F = sum over blocks of 2 x token-wise linear params x L + 4 L^2 d, where L
+    is the block's own sequence: caption + image for `layers`, the image for the noise refiners,
+    the caption for the context refiners. Modulation (once per sample) does not count."""
+    d = p.dim
+    qkv = d * (p.n_heads + 2 * p.n_kv_heads) * p.head_dim
+    per_token = qkv + d * d + 3 * d * p.ffn_hidden_dim        # qkv + out + SwiGLU w1/w2/w3
+
+    def block(length: int) -> float:
+        return 2 * per_token * length + 4 * length * length * d
+
+    forward = (p.n_layers * block(img_tokens + cap_tokens) + p.n_refiner_layers * block(img_tokens)
+               + p.n_refiner_layers * block(cap_tokens))
+    return 2 * forward * batch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="the tiny test model (CPU check of this script)")
+    ap.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--cap_len", type=int, default=256, help="--gemma2_max_token_length (padded length)")
+    ap.add_argument("--cap_tokens", type=int, default=96, help="real caption tokens (system prompt + caption)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--no_grad_ckpt", action="store_true")
+    ap.add_argument("--use_flash_attn", action="store_true", help="as the trainer's --use_flash_attn")
+    ap.add_argument("--compile", action="store_true", help="--torch_compile: compile each of the 26 layers")
+    ap.add_argument("--peak_tflops", type=float, default=790.0, help="measured bf16 matmul peak of the GPU")
+    ap.add_argument("--optimizer", default="AdamW")
+    a = ap.parse_args()
+    if not 1 <= a.cap_tokens <= a.cap_len:
+        ap.error("--cap_tokens must lie in 1..--cap_len")
+
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if a.use_flash_attn:
+        try:
+            set_attention_backend("flash")
+        except ConfigError as e:
+            sys.exit(f"--use_flash_attn: {e}")
+    params = tiny_lumina_params() if a.tiny else VARIANTS["lumina2"].params
+    t0 = time.perf_counter()
+    dit = build_lumina_model(params, device=device, dtype=dtype)
+    dit.requires_grad_(False)
+    build_s = time.perf_counter() - t0
+    if not a.no_grad_ckpt:
+        dit.enable_gradient_checkpointing()
+
+    trainer = LuminaNetworkTrainer()
+    args = trainer.build_parser().parse_args([
+        "--timestep_sampling", "nextdit_shift", "--discrete_flow_shift", "6.0", "--model_prediction_type", "raw",
+        "--mixed_precision", "bf16" if dtype == torch.bfloat16 else "no"])
+    trainer._loss_config = trainer.loss_config(args)
+    models = FamilyModels(denoiser=dit, text_encoders=[None], vae=None)
+
+    network = lora_lumina.create_network(1.0, a.rank, a.rank, None, None, dit)
+    network.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
+    network.to(device)
+    if a.compile:
+        compile_blocks(trainer.block_lists(models), "inductor")
+    groups, _ = network.prepare_optimizer_params(text_encoder_lr=None, unet_lr=None, default_lr=1e-4)
+    opt = build_optimizer(a.optimizer, [], groups, 1e-4).optimizer
+
+    lat = a.size // 8
+    latents = torch.randn(a.batch, params.in_channels, lat, lat, device=device)
+    mask = torch.zeros(a.batch, a.cap_len, dtype=torch.long, device=device)
+    mask[:, :a.cap_tokens] = 1
+    text = {"hidden_state": torch.randn(a.batch, a.cap_len, params.cap_feat_dim, device=device),
+            "attention_mask": mask, "input_ids": torch.zeros(a.batch, a.cap_len, dtype=torch.long, device=device)}
+    ones = torch.ones(a.batch, device=device)
+
+    def step() -> torch.Tensor:
+        noisy = trainer.noisy_input(args, latents, torch.randn_like(latents))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            pred = trainer.denoise(args, models, noisy, text)
+        p, w = trainer.loss_terms(args, pred.float(), noisy)
+        loss = compute_per_sample_loss(trainer._loss_config, p, noisy.target.float(), timesteps=noisy.timesteps,
+                                       sigmas=noisy.sigmas, weighting=w, mask=None, loss_weights=ones).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.get_trainable_params(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(a.steps):
+        sync()
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    measured = times[5:] if len(times) > 6 else times
+    med = statistics.median(measured)
+    p90 = sorted(measured)[int(0.9 * (len(measured) - 1))]
+    img_tokens = (lat // params.patch_size) ** 2
+    flops = useful_flops(params, img_tokens, a.cap_tokens, a.batch)
+    out = {
+        "model": ("tiny-" if a.tiny else "") + "lumina2",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "dit_params_b": round(sum(p.numel() for p in dit.parameters()) / 1e9, 3),
+        "attention": "flash" if a.use_flash_attn else "sdpa", "size": a.size, "batch": a.batch,
+        "cap_len": a.cap_len, "cap_tokens": a.cap_tokens, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt,
+        "compile": a.compile, "lora_modules": len(network.loras), "build_s": round(build_s, 2),
+        "median_s": round(med, 4), "p90_s": round(p90, 4), "steps": a.steps,
+        "useful_tflop_per_step": round(flops / 1e12, 4),
+        "mfu": round(flops / med / (a.peak_tflops * 1e12), 3) if device.type == "cuda" else None,
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
