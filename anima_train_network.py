@@ -28,11 +28,11 @@ from library.errors import ConfigError
 from library.text_encoders import file_fingerprint
 from library.training.flow_matching import add_flow_matching_arguments
 from library.training.flow_trainer import FlowMatchingTrainer
-from library.training.trainer import FamilyModels, NoisyInput
+from library.training.sample_prompts import SamplePrompt, load_sample_prompts
+from library.training.trainer import FamilyModels, NoisyInput, parse_network_args
 
 ARCHITECTURE = "anima-preview/lora"
 IMPLEMENTATION = "https://huggingface.co/circlestone-labs/Anima"
-QWEN3_INDEX = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,12 +73,27 @@ def component_of(name: str) -> ComponentLR | None:
     return None
 
 
+def given_component_lrs(args) -> dict[str, float]:
+    return {c.option: getattr(args, c.option) for c in COMPONENT_LRS if getattr(args, c.option) is not None}
+
+
+def unmatched_component_lrs_error(given: dict[str, float], dit_names) -> ConfigError | None:
+    """The error for component learning rates that match none of these DiT module names (they
+    would change nothing), or None."""
+    hit = {component_of(name).option for name in dit_names if component_of(name) is not None}
+    missing = [c for c in COMPONENT_LRS if c.option in given and c.option not in hit]
+    if not missing:
+        return None
+    return ConfigError("these learning rates match no LoRA module, so they would change nothing:\n  " + "\n  ".join(
+        f"--{c.option}: the LoRA has no {c.what} module ({c.hint}), or remove --{c.option}" for c in missing))
+
+
 def apply_component_lrs(args, network, dit: torch.nn.Module) -> dict[str, int]:
     """Give each DiT LoRA module the learning rate of its component when that option is set.
     A module that network_reg_lrs already gave an lr keeps it (the regex is the more specific
     rule). 0 freezes (the LoRA core leaves lr-0 groups out of the optimizer). Returns how many
     modules each option set; an option that matches no module is an error (it would be ignored)."""
-    given = {c.option: getattr(args, c.option) for c in COMPONENT_LRS if getattr(args, c.option) is not None}
+    given = given_component_lrs(args)
     if not given:
         return {}
     loras = getattr(network, "unet_loras", None)
@@ -87,10 +102,14 @@ def apply_component_lrs(args, network, dit: torch.nn.Module) -> dict[str, int]:
                           f"networks.lora_anima; {args.network_module} does not expose its modules. Use "
                           "networks.lora_anima or remove these options.")
     names = {id(module): name for name, module in dit.named_modules()}
+    lora_names = [names.get(id(lora.base), "") for lora in loras]
+    error = unmatched_component_lrs_error(given, lora_names)
+    if error is not None:
+        raise error
     counts = dict.fromkeys(given, 0)
     overridden = 0
-    for lora in loras:
-        component = component_of(names.get(id(lora.base), ""))
+    for lora, name in zip(loras, lora_names):
+        component = component_of(name)
         if component is None or component.option not in given:
             continue
         counts[component.option] += 1
@@ -98,10 +117,6 @@ def apply_component_lrs(args, network, dit: torch.nn.Module) -> dict[str, int]:
             lora.lr = float(given[component.option])
         else:
             overridden += 1
-    missing = [c for c in COMPONENT_LRS if c.option in given and counts[c.option] == 0]
-    if missing:
-        raise ConfigError("these learning rates match no LoRA module, so they would change nothing:\n  " + "\n  ".join(
-            f"--{c.option}: the LoRA has no {c.what} module ({c.hint}), or remove --{c.option}" for c in missing))
     for option, count in counts.items():
         state = "frozen" if given[option] == 0 else f"lr {given[option]:g}"
         print(f"--{option}: {count} LoRA modules, {state}")
@@ -150,10 +165,13 @@ class AnimaNetworkTrainer(FlowMatchingTrainer):
             g.add_argument(f"--{component}_lr", type=float, default=None,
                            help=f"learning rate of the {default} LoRA modules (default: --unet_lr, else "
                                 "--learning_rate)")
-        sd = parser.add_argument_group("Stable Diffusion 1.x/2.x options (refused: they have no meaning for Anima)")
+        sd = parser.add_argument_group("options of other scripts (refused: they have no meaning for Anima LoRA)")
         sd.add_argument("--v2", action="store_true", help="SD 2.x only: refused")
         sd.add_argument("--v_parameterization", action="store_true", help="SD 2.x only: refused")
         sd.add_argument("--clip_skip", type=int, default=None, help="SD only: refused")
+        if "--fused_backward_pass" not in parser._option_string_actions:   # the guide lists it (section 8)
+            sd.add_argument("--fused_backward_pass", action="store_true",
+                            help="full fine-tuning only (fuses Adafactor's step into the backward pass): refused")
         add_flow_matching_arguments(
             parser, default_timestep_sampling="sigmoid", default_discrete_flow_shift=1.0,
             default_model_prediction_type=None,
@@ -177,6 +195,10 @@ class AnimaNetworkTrainer(FlowMatchingTrainer):
         for flag in ("v2", "v_parameterization"):
             if getattr(args, flag):
                 problems.append(f"--{flag} is for Stable Diffusion 2.x, not Anima: remove it")
+        if getattr(args, "fused_backward_pass", False):
+            problems.append("--fused_backward_pass is not available for LoRA training (it saves the optimizer memory "
+                            "of a full fine-tune; a LoRA's is small): remove it, and use --optimizer_type adafactor "
+                            "alone if you want Adafactor")
         if args.clip_skip is not None:
             problems.append("--clip_skip is for Stable Diffusion's CLIP, not Anima's Qwen3: remove it")
         for c in COMPONENT_LRS:
@@ -200,6 +222,8 @@ class AnimaNetworkTrainer(FlowMatchingTrainer):
             check_anima_arguments(args, training=True)
         except ConfigError as e:
             problems.extend(str(e).splitlines()[1:])
+        if args.sample_prompts:
+            problems.extend(foreign_prompt_options(load_sample_prompts(args.sample_prompts)))
         if problems:
             raise ConfigError("invalid Anima options:\n  " + "\n  ".join(p.strip() for p in problems))
 
@@ -225,8 +249,22 @@ class AnimaNetworkTrainer(FlowMatchingTrainer):
             args.qwen3, t5_tokenizer_path=args.t5_tokenizer_path, tokenizer_cache_dir=args.tokenizer_cache_dir,
             qwen3_max_length=args.qwen3_max_token_length, t5_max_length=args.t5_max_token_length, device="cpu",
             dtype=weight_dtype)
+        self.check_network_args_early(args, dit)
         return FamilyModels(denoiser=dit, text_encoders=[text.qwen3], vae=vae, info=info,
                             extra={"text": text, "compute_dtype": weight_dtype})
+
+    @staticmethod
+    def check_network_args_early(args, dit) -> None:
+        """The LoRA is created after caching; check its --network_args (unknown keys, bad patterns) and
+        the component learning rates against the modules it will have now, before caching takes time."""
+        if args.network_module != "networks.lora_anima" or args.dim_from_weights:
+            return
+        from networks import lora_anima
+
+        names = lora_anima.target_names(dit, None, args.network_dim, **parse_network_args(args.network_args))
+        error = unmatched_component_lrs_error(given_component_lrs(args), names)
+        if error is not None:
+            raise error
 
     def create_network(self, args, models: FamilyModels) -> torch.nn.Module:
         network = super().create_network(args, models)
@@ -299,6 +337,24 @@ class AnimaNetworkTrainer(FlowMatchingTrainer):
         modelspec = {"architecture": ARCHITECTURE, "implementation": IMPLEMENTATION, "prediction_type": None,
                      "default_resolution": 1024}
         return "anima", self.flow_metadata(args), modelspec
+
+
+# Prompt-file options of other families: sd-scripts' Anima sampler ignores them; here they are refused.
+_FOREIGN_PROMPT_OPTIONS = {"guidance_scale": "--g (FLUX's embedded guidance)", "sample_sampler": "--ss (SD's sampler)",
+                           "controlnet_image": "--cn (ControlNet)", "cfg_trunc_ratio": "--ctr (Lumina)",
+                           "renorm_cfg": "--rcfg (Lumina)"}
+
+
+def foreign_prompt_options(prompts: list[SamplePrompt]) -> list[str]:
+    """One problem per sample prompt that uses an option Anima's sampler has no use for."""
+    problems = []
+    for p in prompts:
+        foreign = [flag for name, flag in _FOREIGN_PROMPT_OPTIONS.items() if getattr(p, name) is not None]
+        if foreign:
+            problems.append(f"--sample_prompts, prompt {p.index} ({p.prompt[:40]!r}): {', '.join(foreign)} is not used "
+                            "by Anima; remove it. Anima's options: --w --h --d --s --l (CFG scale) --n (negative "
+                            "prompt) --fs (flow shift)")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,22 +141,14 @@ def _with_reg_lr(target: LoRATarget, original: str, rules) -> LoRATarget:
 # ---------------------------------------------------------------------------------------------
 # sd-scripts' entry points.
 
-def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae: Any,
-                   text_encoders: Any, unet: nn.Module, neuron_dropout: float | None = None,
-                   **kwargs: Any) -> LoRANetwork:
-    """A new Anima LoRA (sd-scripts' signature; kwargs are the --network_args)."""
-    args = parse_network_args(kwargs, ANIMA_ARGS, network_module=__name__)
-    dim = 4 if network_dim is None else int(network_dim)
-    if dim < 1:
-        raise ConfigError(f"--network_dim must be >= 1, got {network_dim}")
-    alpha = 1.0 if network_alpha is None else float(network_alpha)
+def _select(args: Mapping[str, Any], dim: int, unet: nn.Module, text_encoders: Any
+            ) -> tuple[list[tuple[str, LayerRef, int]], list[str], list[str]]:
+    """The selection rules: (original name, layer, rank) of every chosen layer, the names left out by
+    a pattern, and the LoRA names skipped for rank 0."""
     exclude = [re.compile(DEFAULT_EXCLUDE), *args.get("exclude_patterns", [])]
     include = args.get("include_patterns", [])
-    verbose = args.get("verbose", False)
-
     candidates = _dit_layers(unet, args.get("train_llm_adapter", False)) + _qwen3_layers(text_encoders)
-    targets: list[LoRATarget] = []
-    excluded, skipped = [], []
+    chosen, excluded, skipped = [], [], []
     for original, layer in candidates:
         if any(p.fullmatch(original) for p in exclude) and not any(p.fullmatch(original) for p in include):
             excluded.append(original)
@@ -166,7 +158,33 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
         if rank == 0:
             skipped.append(layer.lora_name)
             continue
-        targets.append(_with_reg_lr(layer.target(rank, alpha), original, args.get("network_reg_lrs")))
+        chosen.append((original, layer, rank))
+    return chosen, excluded, skipped
+
+
+def target_names(unet: nn.Module, text_encoders: Any = None, network_dim: int | None = None,
+                 **kwargs: Any) -> list[str]:
+    """The dotted original names of the layers `create_network` would give a LoRA with these
+    --network_args, without creating anything (lets a trainer check options against them early)."""
+    args = parse_network_args(kwargs, ANIMA_ARGS, network_module=__name__)
+    return [original for original, _, _ in _select(args, 4 if network_dim is None else int(network_dim), unet,
+                                                   text_encoders)[0]]
+
+
+def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae: Any,
+                   text_encoders: Any, unet: nn.Module, neuron_dropout: float | None = None,
+                   **kwargs: Any) -> LoRANetwork:
+    """A new Anima LoRA (sd-scripts' signature; kwargs are the --network_args)."""
+    args = parse_network_args(kwargs, ANIMA_ARGS, network_module=__name__)
+    dim = 4 if network_dim is None else int(network_dim)
+    if dim < 1:
+        raise ConfigError(f"--network_dim must be >= 1, got {network_dim}")
+    alpha = 1.0 if network_alpha is None else float(network_alpha)
+    verbose = args.get("verbose", False)
+
+    chosen, excluded, skipped = _select(args, dim, unet, text_encoders)
+    targets: list[LoRATarget] = [_with_reg_lr(layer.target(rank, alpha), original, args.get("network_reg_lrs"))
+                                 for original, layer, rank in chosen]
     if verbose:
         logger.info("%d layers excluded by pattern: %s", len(excluded), ", ".join(excluded))
         if skipped:
