@@ -4,12 +4,30 @@
 #     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 #     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
+#     families: full-size SD3.5 L, Lumina 2, Anima steps; GPU tests; the families' e2e tests on CUDA
 set -uo pipefail
 WHAT=${1:-all}
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch,transformers,accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)" | tee -a "$OUT/gpu.txt"
+
+if [ "$WHAT" = families ] || [ "$WHAT" = all ]; then
+  echo "== full-size LoRA steps per family (1024x1024, rank 16, bf16, grad ckpt, cached inputs)"
+  for cmd in "bench_sd3_train.py" "bench_lumina_train.py" "bench_anima_train.py" "bench_sd3_train.py --compile" \
+             "bench_lumina_train.py --compile" "bench_anima_train.py --compile"; do
+    timeout 150 python3 benchmarks/$cmd --device cuda --steps 25 2>&1 | tail -1 | tee -a "$OUT/bench_families.jsonl"
+  done
+  echo "== FLUX: offloaded checkpoints after the fix; fp8 profile"
+  timeout 100 python3 benchmarks/bench_flux_train.py --device cuda --steps 15 --cpu_offload_checkpointing 2>&1 | tail -1 | tee -a "$OUT/bench_families.jsonl"
+  timeout 120 python3 benchmarks/bench_flux_train.py --device cuda --steps 10 --fp8_base --profile > "$OUT/fp8_profile.txt" 2>&1
+  echo "== GPU tests"
+  timeout 150 python3 -m pytest -q -m gpu tests > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
+  echo "== family e2e tests with CUDA visible"
+  OMP_NUM_THREADS=4 timeout 170 python3 -m pytest -q -x tests/test_sd3_train_e2e.py tests/test_lumina_train_e2e.py \
+    tests/test_anima_train_e2e.py > "$OUT/e2e_families_cuda.log" 2>&1; tail -3 "$OUT/e2e_families_cuda.log"
+  [ "$WHAT" = families ] && exit 0
+fi
 
 if [ "$WHAT" = memory ] || [ "$WHAT" = all ]; then
   echo "== GPU tests"
