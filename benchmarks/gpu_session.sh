@@ -14,8 +14,7 @@ python3 -c "import torch,transformers,accelerate; print(torch.__version__, trans
 
 if [ "$WHAT" = families ] || [ "$WHAT" = all ]; then
   echo "== full-size LoRA steps per family (1024x1024, rank 16, bf16, grad ckpt, cached inputs)"
-  for cmd in "bench_sd3_train.py" "bench_lumina_train.py" "bench_anima_train.py" "bench_sd3_train.py --compile" \
-             "bench_lumina_train.py --compile" "bench_anima_train.py --compile"; do
+  for cmd in "bench_sd3_train.py" "bench_lumina_train.py" "bench_anima_train.py"; do
     timeout 150 python3 benchmarks/$cmd --device cuda --steps 25 2>&1 | tail -1 | tee -a "$OUT/bench_families.jsonl"
   done
   echo "== FLUX: offloaded checkpoints after the fix; fp8 profile"
@@ -26,6 +25,10 @@ if [ "$WHAT" = families ] || [ "$WHAT" = all ]; then
   echo "== family e2e tests with CUDA visible"
   OMP_NUM_THREADS=4 timeout 170 python3 -m pytest -q -x tests/test_sd3_train_e2e.py tests/test_lumina_train_e2e.py \
     tests/test_anima_train_e2e.py > "$OUT/e2e_families_cuda.log" 2>&1; tail -3 "$OUT/e2e_families_cuda.log"
+  echo "== per-block torch.compile"
+  for cmd in "bench_sd3_train.py" "bench_lumina_train.py" "bench_anima_train.py"; do
+    timeout 120 python3 benchmarks/$cmd --device cuda --steps 15 --compile 2>&1 | tail -1 | tee -a "$OUT/bench_families.jsonl"
+  done
   [ "$WHAT" = families ] && exit 0
 fi
 
