@@ -923,3 +923,25 @@ def mismatch_message(source: str, family: str, *, unknown: Sequence[str], total:
                      f"{have[0] if 'lora_down' in key else have[1]}); pass the file's --network_dim or use "
                      "--dim_from_weights.")
     return " ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------
+# `--network_module networks.lora`: sd-scripts' module name for Stable Diffusion 1.x / 2.x.
+# The SD targets live in networks/lora_sd.py (which imports this module, hence the lazy import).
+
+
+def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout=None, **kwargs):
+    """SD 1.x/2.x LoRA-LierLa / LoRA-C3Lier (sd-scripts' signature); see networks/lora_sd.py."""
+    from networks import lora_sd
+
+    return lora_sd.create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet,
+                                  neuron_dropout=neuron_dropout, **kwargs)
+
+
+def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False,
+                                **kwargs):
+    """An SD 1.x/2.x network shaped like a LoRA file; see networks/lora_sd.py."""
+    from networks import lora_sd
+
+    return lora_sd.create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=weights_sd,
+                                               for_inference=for_inference, **kwargs)

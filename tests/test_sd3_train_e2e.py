@@ -225,7 +225,6 @@ def test_large_with_t5_lora_and_sd3_options(setup):
     (["--min_snr_gamma", "5"], "--min_snr_gamma is a DDPM (SD1/2) option"),
     (["--weighting_scheme", "sigma"], "invalid choice: 'sigma'"),
     (["--min_timestep", "900", "--max_timestep", "100"], "need 0 <= min_timestep < max_timestep"),
-    (["--disable_mmap_load_safetensors"], "--disable_mmap_load_safetensors is not supported yet"),
     (["--clip_g_dropout_rate", "1.5"], "--clip_g_dropout_rate must be between 0 and 1"),
 ])
 def test_bad_input_is_a_clear_error(setup, tmp_path, capsys, extra, message):

@@ -219,7 +219,8 @@ def _inspect_diffusers_folder(path: Path) -> SDCheckpointInfo:
     index = path / "model_index.json"
     if index.is_file():
         pipeline = str(_read_json(index).get("_class_name", ""))
-        if "XL" in pipeline or "3" in pipeline or "Flux" in pipeline or "Lumina" in pipeline:
+        if any(name in pipeline for name in ("XL", "StableDiffusion3", "Flux", "Chroma", "Lumina", "Cosmos",
+                                              "Anima", "PixArt", "Kandinsky")):
             raise ModelFileError(f"{path}: a diffusers folder of a {pipeline}; train_network.py trains SD 1.x/2.x only. "
                                  "Use the training script of that model family.")
     unet_cfg = path / "unet" / "config.json"
@@ -277,13 +278,14 @@ def unet_config_from_ldm(shapes: Mapping[str, tuple], *, v2: bool, source: Path 
     attn_depths = [d for d in depths if d]
     depths = [d or (attn_depths[0] if attn_depths else 1) for d in depths]
     attn_keys = [k for k in shapes if k.endswith("transformer_blocks.0.attn2.to_k.weight")]
-    if not attn_keys or f"middle_block.1.proj_in.weight" not in shapes:
+    if not attn_keys or "middle_block.1.proj_in.weight" not in shapes:
         raise ModelFileError(f"{source}: the UNet has no cross-attention; not an SD 1.x/2.x text-to-image UNet.")
     context_dim = shapes[attn_keys[0]][1]
     linear = len(need("middle_block.1.proj_in.weight")) == 2
     time_dim = need("time_embed.0.weight")[0]
-    if time_dim != 4 * widths[0]:
-        raise ModelFileError(f"{source}: time embedding width {time_dim} is not 4 x {widths[0]}; not an SD UNet.")
+    if model_channels != widths[0] or time_dim != 4 * widths[0]:
+        raise ModelFileError(f"{source}: conv_in width {model_channels} / time embedding width {time_dim} do not fit "
+                             f"a first level of {widths[0]} channels; not an SD UNet.")
     for w in widths:
         if w % NORM_GROUPS:
             raise ModelFileError(f"{source}: UNet width {w} is not a multiple of {NORM_GROUPS} (its GroupNorm "

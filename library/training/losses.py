@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -61,6 +61,9 @@ class LossConfig:
     huber_c: float = 0.1
     huber_scale: float = 1.0
     flow: bool = False
+    # DDPM models: the schedule's ᾱ_t (1000,), which the snr Huber schedule needs; passing it here
+    # lets the shared loop compute that schedule without knowing the family.
+    alphas_cumprod: Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         problems = []
@@ -76,13 +79,14 @@ class LossConfig:
             raise ConfigError("Invalid loss options:\n" + "\n".join(f"  - {p}" for p in problems))
 
     @classmethod
-    def from_args(cls, args: Any, *, flow: bool = False) -> "LossConfig":
+    def from_args(cls, args: Any, *, flow: bool = False, alphas_cumprod: Tensor | None = None) -> "LossConfig":
         return cls(
             loss_type=getattr(args, "loss_type", "l2"),
             huber_schedule=getattr(args, "huber_schedule", "snr"),
             huber_c=getattr(args, "huber_c", 0.1),
             huber_scale=getattr(args, "huber_scale", 1.0),
             flow=flow,
+            alphas_cumprod=alphas_cumprod,
         )
 
     @property
@@ -93,6 +97,8 @@ class LossConfig:
         """Per-sample c for this batch, or None when the loss type does not use it."""
         if not self.uses_huber_c:
             return None
+        if alphas_cumprod is None:
+            alphas_cumprod = self.alphas_cumprod
         return huber_c_per_sample(
             self.huber_schedule, self.huber_c, self.huber_scale, timesteps, flow=self.flow, alphas_cumprod=alphas_cumprod
         )

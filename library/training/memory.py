@@ -98,7 +98,8 @@ def _require_blocks(lists: Sequence[nn.ModuleList], option: str, model_name: str
 
 
 def quantize_base(model: nn.Module, lists: Sequence[nn.ModuleList], device: torch.device,
-                  compute_dtype: torch.dtype, *, model_name: str, keep_on_device: bool) -> Fp8Report:
+                  compute_dtype: torch.dtype, *, model_name: str, keep_on_device: bool,
+                  matmul: str = "auto") -> Fp8Report:
     """fp8 for the block Linears, converted one block at a time on `device` (fast, and the model
     is never on the GPU in bf16 all at once); blocks return to the CPU unless `keep_on_device`
     (block swap places them afterwards)."""
@@ -108,7 +109,7 @@ def quantize_base(model: nn.Module, lists: Sequence[nn.ModuleList], device: torc
         for block in blocks:
             home = next(block.parameters()).device
             block.to(device)
-            report = quantize_linears_(block, [block], compute_dtype=compute_dtype)
+            report = quantize_linears_(block, [block], compute_dtype=compute_dtype, matmul=matmul)
             if not keep_on_device:
                 block.to(home)
             for i, v in enumerate((report.quantized, report.kept, report.bytes_before, report.bytes_after)):
