@@ -177,14 +177,15 @@ class AnimaNetworkTrainer(FlowMatchingTrainer):
             default_model_prediction_type=None,
             timestep_sampling_choices=["sigma", "uniform", "sigmoid", "shift", "flux_shift"])
 
+    # The generic --xformers flag means --attn_mode xformers here, as in sd-scripts.
+    handled_options = frozenset({"xformers"})
+
     def check_args(self, args) -> None:
-        # The generic --xformers flag (refused by the shared checks) means --attn_mode xformers here, as in
-        # sd-scripts; an explicit --attn_mode takes precedence.
+        # An explicit --attn_mode takes precedence over --xformers.
         if args.attn_mode is None:
             args.attn_mode = "xformers" if args.xformers else "torch"
         if args.xformers:
             print(f"note: --xformers: Anima's attention follows --attn_mode ({args.attn_mode})")
-            args.xformers = False
         super().check_args(args)
 
     def validate_family_args(self, args) -> None:

@@ -78,16 +78,11 @@ class SDNetworkTrainer(NetworkTrainer):
                        help="not supported yet (refused): (word:1.2) caption weighting")
         ddpm.add_ddpm_arguments(parser)
 
+    # SD maps these onto its UNet's attention (xformers when installed, SDPA for --mem_eff_attn).
+    handled_options = frozenset({"xformers", "mem_eff_attn"})
+
     def check_args(self, args) -> None:
-        """The common checks refuse --xformers/--mem_eff_attn for every family; SD maps them onto its
-        UNet's attention instead (xformers when installed, SDPA for --mem_eff_attn), so they are
-        hidden from those checks and handled here."""
-        saved = args.xformers, args.mem_eff_attn
-        args.xformers = args.mem_eff_attn = False
-        try:
-            super().check_args(args)
-        finally:
-            args.xformers, args.mem_eff_attn = saved
+        super().check_args(args)
         if args.xformers:
             require_xformers()
         if args.mem_eff_attn:

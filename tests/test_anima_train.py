@@ -36,7 +36,7 @@ def test_defaults_are_the_guides():
 
 def test_xformers_flag_means_attn_mode_xformers_unless_attn_mode_is_given(capsys):
     args = checked("--xformers", "--split_attn")
-    assert args.attn_mode == "xformers" and args.xformers is False
+    assert args.attn_mode == "xformers"
     assert checked("--xformers", "--attn_mode", "torch").attn_mode == "torch"
     assert "--xformers: Anima's attention follows --attn_mode" in capsys.readouterr().out
 

@@ -134,9 +134,11 @@ _NOT_YET = [
 ]
 
 
-def refuse_unsupported(args: argparse.Namespace) -> None:
-    """Every option that would be silently ignored is an error instead; all listed at once."""
-    problems = [msg for dest, msg in _NOT_YET if getattr(args, dest, None) not in (None, False, [], 0)]
+def refuse_unsupported(args: argparse.Namespace, handled: frozenset[str] = frozenset()) -> None:
+    """Every option that would be silently ignored is an error instead; all listed at once.
+    `handled`: options of this list that the family implements itself (e.g. SD's --xformers)."""
+    problems = [msg for dest, msg in _NOT_YET
+                if dest not in handled and getattr(args, dest, None) not in (None, False, [], 0)]
     if problems:
         raise ConfigError("these options cannot be used yet:\n  " + "\n  ".join(problems))
 

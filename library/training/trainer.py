@@ -147,6 +147,8 @@ class NetworkTrainer:
     # ---- optional hooks ---------------------------------------------------------------------
     reso_step_multiple: int = 64
     default_resolution: int = 512
+    # Options the shared checks refuse as unsupported, which this family implements itself.
+    handled_options: frozenset = frozenset()
 
     def validate_family_args(self, args) -> None:
         """Refuse impossible option combinations before anything is loaded."""
@@ -212,7 +214,7 @@ class NetworkTrainer:
 
     def check_args(self, args) -> None:
         common_args.check_common_args(args)
-        common_args.refuse_unsupported(args)
+        common_args.refuse_unsupported(args, handled=self.handled_options)
         meta_lib.check_metadata_args(args)
         self.validate_family_args(args)
         for note in memory.check_memory_args(args):
