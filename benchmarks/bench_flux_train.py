@@ -6,18 +6,17 @@
     python benchmarks/bench_flux_train.py --train_text_encoders clip_l+t5   # + CLIP-L and T5-XXL LoRA
     python benchmarks/bench_flux_train.py --blocks_to_swap 18 --fp8_base    # the memory options
 
-The step is the trainer's own code (FluxNetworkTrainer.noisy_input / denoise / loss_terms, the
-shared loss, LoRA from networks.lora_flux, the optimizer builder), fed with synthetic cached
-latents and text outputs, i.e. what `--cache_latents --cache_text_encoder_outputs` gives the
-loop. Prints one JSON line: median/p90 step time over steps 6.., peak memory, and model FLOPs
-utilisation as TARGETS.md defines it.
+The step (benchmarks/bench_common.py) is the trainer's own code (FluxNetworkTrainer.noisy_input /
+denoise / loss_terms, the shared loss, LoRA from networks.lora_flux, the optimizer builder), fed
+with synthetic cached latents and text outputs, i.e. what
+`--cache_latents --cache_text_encoder_outputs` gives the loop. Prints one JSON line: median/p90
+step time over steps 6.., peak memory, and model FLOPs utilisation as TARGETS.md defines it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,12 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_common import (device_name, lora_optimizer, lora_training_step,  # noqa: E402
+                                     synchronize, time_steps, timing_fields)
 from flux_train_network import FluxNetworkTrainer  # noqa: E402
 from library.flux.model import VARIANTS  # noqa: E402
 from library.training import memory  # noqa: E402
 from library.tiny.flux import build_flux_model, tiny_flux_params  # noqa: E402
-from library.training.losses import compute_per_sample_loss  # noqa: E402
-from library.training.optimizers import build_optimizer  # noqa: E402
 from library.training.trainer import FamilyModels, compile_blocks  # noqa: E402
 from networks import lora_flux  # noqa: E402
 
@@ -86,6 +85,8 @@ def main() -> None:
     ap.add_argument("--blocks_to_swap", type=int, default=0, help="block swap, as the trainer places the DiT")
     ap.add_argument("--fp8_base", action="store_true", help="fp8 block weights, as the trainer converts them")
     ap.add_argument("--cpu_offload_checkpointing", action="store_true")
+    ap.add_argument("--fp8_matmul", default=memory.FP8_TRAINING_MATMUL, choices=["auto", "upcast", "scaled"],
+                    help="with --fp8_base: scaled fp8 matmuls where they pay (auto), never, or always")
     ap.add_argument("--profile", action="store_true", help="after timing, print the top kernels of 2 steps (stderr)")
     a = ap.parse_args()
 
@@ -102,7 +103,8 @@ def main() -> None:
     lists = [dit.double_blocks, dit.single_blocks]
     fp8_report = None
     if a.fp8_base:   # the trainer's own conversion, before the LoRA wraps the layers
-        fp8_report = str(memory.quantize_base(dit, lists, device, dtype, model_name="FLUX", keep_on_device=True))
+        fp8_report = str(memory.quantize_base(dit, lists, device, dtype, model_name="FLUX", keep_on_device=True,
+                                                  matmul=a.fp8_matmul))
 
     trainer = FluxNetworkTrainer()
     args = trainer.build_parser().parse_args([
@@ -124,8 +126,7 @@ def main() -> None:
     torch.cuda.empty_cache() if device.type == "cuda" else None
     if a.compile:
         compile_blocks(trainer.block_lists(models), "inductor")
-    groups, _ = network.prepare_optimizer_params(text_encoder_lr=None, unet_lr=None, default_lr=1e-4)
-    opt = build_optimizer(a.optimizer, [], groups, 1e-4).optimizer
+    opt = lora_optimizer(network, a.optimizer)
 
     lat_hw = a.size // 8
     latents = torch.randn(1, 16, lat_hw, lat_hw, device=device)
@@ -136,59 +137,34 @@ def main() -> None:
 
     captions = ["a photograph of a cat sitting on a wooden table next to a window, soft morning light"]
 
-    def step() -> torch.Tensor:
-        noisy = trainer.noisy_input(args, latents, torch.randn_like(latents))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            conds = text
-            if trained_tes:   # CLIP-L alone: T5 outputs come from the "cache" (as in the loop)
-                cached = text if trained_tes == frozenset({0}) else None
-                conds = trainer.encode_text_for_training(args, models, captions, cached, trained_tes, device)
-            pred = trainer.denoise(args, models, noisy, conds)
-        p, w = trainer.loss_terms(args, pred.float(), noisy)
-        loss = compute_per_sample_loss(trainer._loss_config, p, noisy.target.float(), timesteps=noisy.timesteps,
-                                       sigmas=noisy.sigmas, weighting=w, mask=None,
-                                       loss_weights=torch.ones(1, device=device)).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.get_trainable_params(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    def conditioning() -> dict:
+        if not trained_tes:
+            return text
+        # CLIP-L alone: T5 outputs come from the "cache" (as in the loop)
+        cached = text if trained_tes == frozenset({0}) else None
+        return trainer.encode_text_for_training(args, models, captions, cached, trained_tes, device)
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(a.steps):
-        sync()
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
+    step = lora_training_step(trainer, args, models, network, opt, latents, conditioning, dtype=dtype)
+    times, _ = time_steps(step, a.steps, device)
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(2):
                 step()
-            sync()
+            synchronize(device)
         print(prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda" else
                                         "self_cpu_time_total", row_limit=25), file=sys.stderr)
-    measured = times[5:] if len(times) > 6 else times
-    med = statistics.median(measured)
-    p90 = sorted(measured)[int(0.9 * (len(measured) - 1))]
     img_tokens = (lat_hw // 2) ** 2
     flops = useful_flops(params, img_tokens, a.t5_len)
     out = {
         "model": ("tiny-" if a.tiny else "") + ("chroma" if chroma else "flux1-dev"),
-        "train_text_encoders": a.train_text_encoders, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "train_text_encoders": a.train_text_encoders, "device": device_name(device),
         "size": a.size, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt, "compile": a.compile,
         "blocks_to_swap": a.blocks_to_swap, "fp8_base": a.fp8_base, "cpu_offload_checkpointing": a.cpu_offload_checkpointing,
-        "fp8": fp8_report, "swap": placement.message,
+        "fp8": fp8_report, "fp8_matmul": a.fp8_matmul if a.fp8_base else None, "swap": placement.message,
         "fallback_loads": placement.swap.stats.fallback_loads if placement.swap else None,
-        "build_s": round(build_s, 2), "median_s": round(med, 4), "p90_s": round(p90, 4),
-        "steps": a.steps, "useful_tflop_per_step": round(flops / 1e12, 1),
-        "mfu": round(flops / med / (a.peak_tflops * 1e12), 3) if device.type == "cuda" else None,
-        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-        "torch": torch.__version__,
+        **timing_fields(times, device, build_s=build_s, flops_per_step=flops, peak_tflops=a.peak_tflops,
+                        tflop_digits=1),
     }
     print(json.dumps(out))
 

@@ -64,3 +64,19 @@ def test_output_config_round_trip(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         read_config_file(str(tmp_path / "nope.toml"), make_parser())
+
+
+def test_two_runs_in_one_process_may_use_different_mixed_precision(tmp_path):
+    """accelerate keeps its state process-wide; the trainer must still build an accelerator for a
+    second run with another --mixed_precision (tests and notebooks run the trainer in-process)."""
+    import argparse
+
+    from library.training.trainer import NetworkTrainer
+
+    def args(mp):
+        return argparse.Namespace(log_with=None, logging_dir=None, output_dir=str(tmp_path), mixed_precision=mp)
+
+    trainer = NetworkTrainer()
+    assert trainer.make_accelerator(args("no")).mixed_precision == "no"
+    assert trainer.make_accelerator(args("bf16")).mixed_precision == "bf16"
+    assert trainer.make_accelerator(args("no")).mixed_precision == "no"

@@ -260,7 +260,15 @@ class NetworkTrainer:
 
     def make_accelerator(self, args):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import ProjectConfiguration
+
+        # A second run in the same process (tests, notebooks) with another --mixed_precision: accelerate
+        # keeps its settings process-wide and refuses the change; forget them (the distributed setup,
+        # PartialState, stays).
+        state = AcceleratorState._shared_state
+        if state and state.get("_mixed_precision") not in (None, args.mixed_precision):
+            AcceleratorState._reset_state(reset_partial_state=False)
 
         log_with = args.log_with
         if args.logging_dir and log_with is None:
