@@ -1,7 +1,7 @@
 """LoRA for Anima: targets and defaults only (FORMATS 4.5).
 
 Use with `--network_module networks.lora_anima`. The LoRA math, saving, loading and optimizer
-groups live in networks/lora.py.
+groups live in networks/lora.py; the steps from candidates to a network in networks/lora_build.py.
 
 Candidates: every Linear inside the DiT's `Block`, `PatchEmbed`, `TimestepEmbedding` and
 `FinalLayer` modules (plus `LLMAdapterTransformerBlock` with `train_llm_adapter=True`), and in
@@ -27,9 +27,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from library.errors import ConfigError, ModelFileError
-from networks.lora import (LayerRef, LoRANetwork, LoRAPlusRatios, LoRATarget, load_lora_state_dict,
-                           mismatch_message, read_lora_modules, targets_from_weights, to_lora_name)
+from library.errors import ConfigError
+from networks.lora import LayerRef, LoRANetwork, to_lora_name
+from networks.lora_build import (DEFAULT_ALPHA, DEFAULT_RANK, Candidate, RuleLookup, build_network, rank_and_alpha,
+                                 read_saved_lora, targets_for_saved, targets_from_candidates, text_encoder_at)
 from networks.network_args import COMMON_LORA_ARGS, ArgSpec, RegexRule, parse_bool, parse_network_args
 
 logger = logging.getLogger(__name__)
@@ -110,56 +111,43 @@ def _dit_layers(dit: nn.Module, with_adapter: bool) -> list[tuple[str, LayerRef]
 
 
 def _qwen3_layers(text_encoders: Any) -> list[tuple[str, LayerRef]]:
-    if text_encoders is None:
-        return []
-    encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
-    qwen3 = encoders[QWEN3_INDEX] if encoders else None
+    qwen3 = text_encoder_at(text_encoders, QWEN3_INDEX)
     if qwen3 is None:
         return []
     return _layers_in(qwen3, QWEN3_CONTAINERS, TEXT_ENCODER_PREFIX, QWEN3_INDEX)
 
 
-def _last_fullmatch(rules: Sequence[RegexRule] | None, name: str) -> RegexRule | None:
-    found = None
-    for rule in rules or ():
-        if rule.pattern.fullmatch(name):
-            found = rule
-    return found
+def _on_original_names(candidates: Sequence[tuple[str, LayerRef]]) -> RuleLookup:
+    """network_reg_dims / network_reg_lrs for Anima: the last rule whose pattern fullmatches the
+    layer's original dotted name (not its LoRA name, as in the other families)."""
+    originals = {layer.lora_name: original for original, layer in candidates}
 
+    def find_rule(rules: Sequence[RegexRule] | None, lora_name: str) -> RegexRule | None:
+        found = None
+        for rule in rules or ():
+            if rule.pattern.fullmatch(originals[lora_name]):
+                found = rule
+        return found
 
-def _loraplus(args: Mapping[str, Any]) -> LoRAPlusRatios:
-    return LoRAPlusRatios(args.get("loraplus_lr_ratio"), args.get("loraplus_unet_lr_ratio"),
-                          args.get("loraplus_text_encoder_lr_ratio"))
-
-
-def _with_reg_lr(target: LoRATarget, original: str, rules) -> LoRATarget:
-    rule = _last_fullmatch(rules, original)
-    return target if rule is None else LoRATarget(target.lora_name, target.module, target.rank, target.alpha,
-                                                   rule.value, target.text_encoder_index)
+    return find_rule
 
 
 # ---------------------------------------------------------------------------------------------
 # sd-scripts' entry points.
 
-def _select(args: Mapping[str, Any], dim: int, unet: nn.Module, text_encoders: Any
-            ) -> tuple[list[tuple[str, LayerRef, int]], list[str], list[str]]:
-    """The selection rules: (original name, layer, rank) of every chosen layer, the names left out by
-    a pattern, and the LoRA names skipped for rank 0."""
+def _select(args: Mapping[str, Any], unet: nn.Module, text_encoders: Any
+            ) -> tuple[list[tuple[str, LayerRef]], list[str]]:
+    """The pattern rules: (original name, layer) of every candidate they keep, and the original
+    names they leave out."""
     exclude = [re.compile(DEFAULT_EXCLUDE), *args.get("exclude_patterns", [])]
     include = args.get("include_patterns", [])
-    candidates = _dit_layers(unet, args.get("train_llm_adapter", False)) + _qwen3_layers(text_encoders)
-    chosen, excluded, skipped = [], [], []
-    for original, layer in candidates:
+    kept, excluded = [], []
+    for original, layer in _dit_layers(unet, args.get("train_llm_adapter", False)) + _qwen3_layers(text_encoders):
         if any(p.fullmatch(original) for p in exclude) and not any(p.fullmatch(original) for p in include):
             excluded.append(original)
-            continue
-        rule = _last_fullmatch(args.get("network_reg_dims"), original)
-        rank = rule.value if rule is not None else dim
-        if rank == 0:
-            skipped.append(layer.lora_name)
-            continue
-        chosen.append((original, layer, rank))
-    return chosen, excluded, skipped
+        else:
+            kept.append((original, layer))
+    return kept, excluded
 
 
 def target_names(unet: nn.Module, text_encoders: Any = None, network_dim: int | None = None,
@@ -167,8 +155,13 @@ def target_names(unet: nn.Module, text_encoders: Any = None, network_dim: int | 
     """The dotted original names of the layers `create_network` would give a LoRA with these
     --network_args, without creating anything (lets a trainer check options against them early)."""
     args = parse_network_args(kwargs, ANIMA_ARGS, network_module=__name__)
-    return [original for original, _, _ in _select(args, 4 if network_dim is None else int(network_dim), unet,
-                                                   text_encoders)[0]]
+    dim = DEFAULT_RANK if network_dim is None else int(network_dim)
+    kept, _ = _select(args, unet, text_encoders)
+    originals = {layer.lora_name: original for original, layer in kept}
+    # The alpha does not change which layers are chosen.
+    targets = targets_from_candidates([Candidate(layer, dim) for _, layer in kept], DEFAULT_ALPHA, args,
+                                      find_rule=_on_original_names(kept), verbose=False)
+    return [originals[t.lora_name] for t in targets]
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae: Any,
@@ -176,66 +169,34 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
                    **kwargs: Any) -> LoRANetwork:
     """A new Anima LoRA (sd-scripts' signature; kwargs are the --network_args)."""
     args = parse_network_args(kwargs, ANIMA_ARGS, network_module=__name__)
-    dim = 4 if network_dim is None else int(network_dim)
-    if dim < 1:
-        raise ConfigError(f"--network_dim must be >= 1, got {network_dim}")
-    alpha = 1.0 if network_alpha is None else float(network_alpha)
-    verbose = args.get("verbose", False)
+    dim, alpha = rank_and_alpha(network_dim, network_alpha)
 
-    chosen, excluded, skipped = _select(args, dim, unet, text_encoders)
-    targets: list[LoRATarget] = [_with_reg_lr(layer.target(rank, alpha), original, args.get("network_reg_lrs"))
-                                 for original, layer, rank in chosen]
-    if verbose:
+    kept, excluded = _select(args, unet, text_encoders)
+    if args.get("verbose", False):
         logger.info("%d layers excluded by pattern: %s", len(excluded), ", ".join(excluded))
-        if skipped:
-            logger.info("%d layers skipped (rank 0): %s", len(skipped), ", ".join(skipped))
-
-    return LoRANetwork(
-        targets, family=FAMILY, multiplier=multiplier, dropout=neuron_dropout,
-        rank_dropout=args.get("rank_dropout"), module_dropout=args.get("module_dropout"), loraplus=_loraplus(args),
-        verbose=verbose,
-    )
+    find_rule = _on_original_names(kept)
+    targets = targets_from_candidates([Candidate(layer, dim) for _, layer in kept], alpha, args, find_rule=find_rule)
+    return build_network(targets, args, family=FAMILY, multiplier=multiplier, neuron_dropout=neuron_dropout,
+                         find_rule=find_rule)
 
 
 def create_network_from_weights(multiplier: float, file: str | os.PathLike | None, vae: Any, text_encoders: Any,
                                 unet: nn.Module, weights_sd: Mapping[str, torch.Tensor] | None = None,
                                 for_inference: bool = False, *, neuron_dropout: float | None = None,
                                 **kwargs: Any) -> tuple[LoRANetwork, Mapping[str, torch.Tensor]]:
-    """A network shaped like a LoRA file: its modules, ranks and alphas (for --dim_from_weights
-    and --lora_weights "path;mult"). The weights are not loaded here: call `load_weights` or
-    `merge_to(weights_sd)`. A file for another model family is refused."""
+    """A network shaped like a LoRA file, for --dim_from_weights and --lora_weights "path;mult"
+    (see networks/lora_build.py). The file also decides whether the LLM adapter gets modules."""
     args = parse_network_args(kwargs, ANIMA_ARGS, network_module=__name__)
-    shaping = sorted(k for k in args if k in RANK_KEYS)
-    if shaping:
-        raise ConfigError(f"--network_args {', '.join(shaping)}: the modules and ranks come from the weights file "
-                          "here (--dim_from_weights / --lora_weights); remove these keys.")
-    if weights_sd is None:
-        if file is None:
-            raise ConfigError("create_network_from_weights needs a file or a state dict")
-        weights_sd = load_lora_state_dict(file)
-    source = str(file) if file is not None else "the given LoRA weights"
-    saved = read_lora_modules(weights_sd, source)
+    saved = read_saved_lora(file, weights_sd, args, rank_keys=RANK_KEYS,
+                            options="--dim_from_weights / --lora_weights")
 
-    with_adapter = any(n.startswith(f"{UNET_PREFIX}_llm_adapter_") for n in saved) and \
+    with_adapter = any(n.startswith(f"{UNET_PREFIX}_llm_adapter_") for n in saved.modules) and \
         getattr(unet, "llm_adapter", None) is not None
     candidates = _dit_layers(unet, with_adapter) + _qwen3_layers(text_encoders)
-    targets, unmatched = targets_from_weights([layer for _, layer in candidates], saved, source)
-    if unmatched:
-        raise ModelFileError(mismatch_message(source, FAMILY, unknown=unmatched, total=len(saved),
-                                              hint=_unmatched_hint(unmatched)))
-    originals = {layer.lora_name: original for original, layer in candidates}
-    rules = args.get("network_reg_lrs")
-    targets = [_with_reg_lr(t, originals[t.lora_name], rules) for t in targets]
-
-    network = LoRANetwork(
-        targets, family=FAMILY, multiplier=multiplier, dropout=None if for_inference else neuron_dropout,
-        rank_dropout=None if for_inference else args.get("rank_dropout"),
-        module_dropout=None if for_inference else args.get("module_dropout"),
-        loraplus=_loraplus(args), verbose=args.get("verbose", False),
-    )
-    if for_inference:
-        network.requires_grad_(False)
-    return network, weights_sd
+    targets = targets_for_saved([layer for _, layer in candidates], saved, family=FAMILY, hint=_unmatched_hint)
+    network = build_network(targets, args, family=FAMILY, multiplier=multiplier, neuron_dropout=neuron_dropout,
+                            for_inference=for_inference, find_rule=_on_original_names(candidates))
+    return network, saved.state_dict
 
 
 def _unmatched_hint(unmatched: Sequence[str]) -> str | None:

@@ -1,7 +1,8 @@
 """LoRA for FLUX.1 (dev / schnell) and Chroma: targets and defaults only (FORMATS 4.2).
 
 Use with `--network_module networks.lora_flux`. The LoRA math, saving, loading and
-optimizer groups live in networks/lora.py.
+optimizer groups live in networks/lora.py; the steps from candidates to a network in
+networks/lora_build.py.
 
 Targets: every Linear in the double and single blocks (304 modules on FLUX.1, 228 on Chroma,
 which has no modulation layers), named after the BFL checkpoint keys, e.g.
@@ -15,30 +16,24 @@ turn on LoRA-GGPO.
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from library.errors import ConfigError, ModelFileError
-from networks.lora import (LayerRef, LoRANetwork, LoRAPlusRatios, LoRATarget, apply_reg_lrs, find_layers,
-                           hf_clip_path_prefix, layer_at, load_lora_state_dict, mismatch_message,
-                           read_lora_modules, targets_from_weights)
-from networks.network_args import (COMMON_LORA_ARGS, ArgSpec, last_match, parse_block_selection, parse_bool,
-                                   parse_choice, parse_network_args, parse_non_negative_float, parse_rank,
-                                   parse_rank_list, refused)
-
-logger = logging.getLogger(__name__)
+from library.errors import ConfigError
+from networks.lora import LayerRef, LoRANetwork, find_layers, layer_at
+from networks.lora_build import (Candidate, build_network, clip_t5_layers, rank_and_alpha, rank_for_type,
+                                 read_saved_lora, targets_for_saved, targets_from_candidates)
+from networks.network_args import (COMMON_LORA_ARGS, ArgSpec, parse_block_selection, parse_bool, parse_choice,
+                                   parse_network_args, parse_non_negative_float, parse_rank, parse_rank_list, refused)
 
 FAMILY = "FLUX.1 / Chroma"
 UNET_PREFIX = "lora_unet"
 # Position in `text_encoders` -> LoRA prefix (sd-scripts: CLIP-L is te1, T5-XXL is te3).
 CLIP_L_INDEX, T5_INDEX = 0, 1
 TEXT_ENCODER_PREFIXES = {CLIP_L_INDEX: "lora_te1", T5_INDEX: "lora_te3"}
-CLIP_CONTAINERS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
-T5_CONTAINERS = ("T5Attention", "T5DenseGatedActDense", "T5DenseActDense")
 
 # Per-type ranks: the first key whose substrings all occur in the LoRA name (and that the
 # user set) gives the rank. Order matters: "single_blocks"+"linear" before "modulation".
@@ -100,24 +95,6 @@ def _in_layers(flux: nn.Module, name: str) -> list[LayerRef]:
     return [ref for ref in (layer_at(flux, p, UNET_PREFIX) for p in paths) if ref is not None]
 
 
-def _text_encoder_layers(text_encoders: Any, indices: Sequence[int]) -> list[LayerRef]:
-    if text_encoders is None:
-        return []
-    encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
-    layers = []
-    for index in indices:
-        model = encoders[index] if index < len(encoders) else None
-        if model is None:
-            continue
-        if index == CLIP_L_INDEX:
-            layers += find_layers(model, TEXT_ENCODER_PREFIXES[index], containers=CLIP_CONTAINERS,
-                                  path_prefix=hf_clip_path_prefix(model), text_encoder_index=index)
-        else:
-            layers += find_layers(model, TEXT_ENCODER_PREFIXES[index], containers=T5_CONTAINERS,
-                                  text_encoder_index=index)
-    return layers
-
-
 def _split_dims(kind: str, layer: LayerRef) -> tuple[int, ...] | None:
     """Row blocks of the fused projections (from the layer sizes, so tiny models split too):
     double-block qkv = q, k, v; single-block linear1 = q, k, v, MLP input."""
@@ -130,28 +107,12 @@ def _split_dims(kind: str, layer: LayerRef) -> tuple[int, ...] | None:
     return None
 
 
-def _type_rank(lora_name: str, args: Mapping[str, Any], default: int) -> int:
-    for key, substrings in TYPE_DIMS:
-        if key in args and all(s in lora_name for s in substrings):
-            return args[key]
-    return default
-
-
-def _loraplus(args: Mapping[str, Any]) -> LoRAPlusRatios:
-    return LoRAPlusRatios(args.get("loraplus_lr_ratio"), args.get("loraplus_unet_lr_ratio"),
-                          args.get("loraplus_text_encoder_lr_ratio"))
-
-
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae: Any,
                    text_encoders: Any, flux: nn.Module, neuron_dropout: float | None = None,
                    **kwargs: Any) -> LoRANetwork:
     """A new FLUX/Chroma LoRA (sd-scripts' signature; kwargs are the --network_args)."""
     args = parse_network_args(kwargs, FLUX_ARGS, network_module=__name__)
-    dim = 4 if network_dim is None else int(network_dim)
-    if dim < 1:
-        raise ConfigError(f"--network_dim must be >= 1, got {network_dim}")
-    alpha = 1.0 if network_alpha is None else float(network_alpha)
-    reg_dims = args.get("network_reg_dims")
+    dim, alpha = rank_and_alpha(network_dim, network_alpha)
 
     block_layers, counts = _block_layers(flux)
     selected = {
@@ -161,79 +122,40 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     train_blocks = args.get("train_blocks", "all")
 
     split_qkv = args.get("split_qkv", False)
-    candidates: list[tuple[LayerRef, int, tuple[int, ...] | None]] = []  # (layer, rank before reg dims, split)
+    candidates: list[Candidate] = []
     for kind, index, layer in block_layers:
         if train_blocks not in ("all", kind):
             continue
-        rank = _type_rank(layer.lora_name, args, dim) if index in selected[kind] else 0
-        candidates.append((layer, rank, _split_dims(kind, layer) if split_qkv else None))
+        rank = rank_for_type(layer.lora_name, args, TYPE_DIMS, dim) if index in selected[kind] else 0
+        candidates.append(Candidate(layer, rank, _split_dims(kind, layer) if split_qkv else None))
     if "in_dims" in args:
         for (name, _), rank in zip(IN_LAYERS, args["in_dims"]):
-            candidates += [(layer, rank, None) for layer in _in_layers(flux, name)]
+            candidates += [Candidate(layer, rank) for layer in _in_layers(flux, name)]
     te_indices = [CLIP_L_INDEX, T5_INDEX] if args.get("train_t5xxl", False) else [CLIP_L_INDEX]
-    candidates += [(layer, dim, None) for layer in _text_encoder_layers(text_encoders, te_indices)]
+    te_layers = clip_t5_layers(text_encoders, te_indices, TEXT_ENCODER_PREFIXES, t5_index=T5_INDEX)
+    candidates += [Candidate(layer, dim) for layer in te_layers]
 
-    targets: list[LoRATarget] = []
-    skipped: list[str] = []
-    for layer, rank, split in candidates:
-        # network_reg_dims comes last and wins over per-type ranks and block selection.
-        rule = last_match(reg_dims, layer.lora_name)
-        rank = rule.value if rule is not None else rank
-        if rank == 0:
-            skipped.append(layer.lora_name)
-        else:
-            targets.append(layer.target(rank, alpha, split_dims=split))
-    if skipped and args.get("verbose"):
-        logger.info("%d layers skipped (rank 0): %s", len(skipped), ", ".join(skipped))
-
-    return LoRANetwork(
-        apply_reg_lrs(targets, args.get("network_reg_lrs")), family=FAMILY, multiplier=multiplier,
-        dropout=neuron_dropout, rank_dropout=args.get("rank_dropout"), module_dropout=args.get("module_dropout"),
-        loraplus=_loraplus(args), verbose=args.get("verbose", False),
-        ggpo_sigma=args.get("ggpo_sigma"), ggpo_beta=args.get("ggpo_beta"),
-    )
+    return build_network(targets_from_candidates(candidates, alpha, args), args, family=FAMILY,
+                         multiplier=multiplier, neuron_dropout=neuron_dropout)
 
 
 def create_network_from_weights(multiplier: float, file: str | os.PathLike | None, vae: Any, text_encoders: Any,
                                 flux: nn.Module, weights_sd: Mapping[str, torch.Tensor] | None = None,
                                 for_inference: bool = False, *, neuron_dropout: float | None = None,
                                 **kwargs: Any) -> tuple[LoRANetwork, Mapping[str, torch.Tensor]]:
-    """A network shaped like a LoRA file: its modules, ranks and alphas (for --dim_from_weights
-    and --lora "path;mult"). The weights are not loaded here: call `load_weights` or
-    `merge_to(weights_sd)`. A file for another model family is refused."""
+    """A network shaped like a LoRA file, for --dim_from_weights and --lora "path;mult" (see
+    networks/lora_build.py). A FLUX.1 file on Chroma is refused with that reason."""
     args = parse_network_args(kwargs, FLUX_ARGS, network_module=__name__)
-    shaping = sorted(k for k in args if k in RANK_KEYS)
-    if shaping:
-        raise ConfigError(f"--network_args {', '.join(shaping)}: the modules and ranks come from the weights file "
-                          "here (--dim_from_weights / --lora); remove these keys.")
-    if weights_sd is None:
-        if file is None:
-            raise ConfigError("create_network_from_weights needs a file or a state dict")
-        weights_sd = load_lora_state_dict(file)
-    source = str(file) if file is not None else "the given LoRA weights"
-    saved = read_lora_modules(weights_sd, source)
+    saved = read_saved_lora(file, weights_sd, args, rank_keys=RANK_KEYS, options="--dim_from_weights / --lora")
 
     block_layers, _ = _block_layers(flux)
     layers = [layer for _, _, layer in block_layers]
     layers += [layer for name, _ in IN_LAYERS for layer in _in_layers(flux, name)]
-    layers += _text_encoder_layers(text_encoders, [CLIP_L_INDEX, T5_INDEX])
-    targets, unmatched = targets_from_weights(layers, saved, source)
-    if unmatched:
-        raise ModelFileError(mismatch_message(source, FAMILY, unknown=unmatched, total=len(saved),
-                                              hint=_unmatched_hint(unmatched)))
-
-    network = LoRANetwork(
-        apply_reg_lrs(targets, args.get("network_reg_lrs")), family=FAMILY, multiplier=multiplier,
-        dropout=None if for_inference else neuron_dropout,
-        rank_dropout=None if for_inference else args.get("rank_dropout"),
-        module_dropout=None if for_inference else args.get("module_dropout"),
-        loraplus=_loraplus(args), verbose=args.get("verbose", False),
-        ggpo_sigma=None if for_inference else args.get("ggpo_sigma"),
-        ggpo_beta=None if for_inference else args.get("ggpo_beta"),
-    )
-    if for_inference:
-        network.requires_grad_(False)
-    return network, weights_sd
+    layers += clip_t5_layers(text_encoders, [CLIP_L_INDEX, T5_INDEX], TEXT_ENCODER_PREFIXES, t5_index=T5_INDEX)
+    targets = targets_for_saved(layers, saved, family=FAMILY, hint=_unmatched_hint)
+    network = build_network(targets, args, family=FAMILY, multiplier=multiplier, neuron_dropout=neuron_dropout,
+                            for_inference=for_inference)
+    return network, saved.state_dict
 
 
 def _unmatched_hint(unmatched: Sequence[str]) -> str | None:
