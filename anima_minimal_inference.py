@@ -26,10 +26,9 @@ from library.anima.loading import load_anima_dit
 from library.anima.sampling import SIZE_MULTIPLE, AnimaConditioning, generate_image
 from library.anima.text import AnimaTextEncoding, AnimaTextOutputs
 from library.anima.vae import load_qwen_image_vae
-from library.errors import ConfigError, UserError
+from library.errors import ConfigError
+from library.inference_common import DTYPES, default_device, load_lora, lora_multiplier, run, save_image
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -78,11 +77,7 @@ def parse_lora_specs(values: list[str], multipliers: list[float] | None) -> list
     for value in values:
         path, sep, mult = value.partition(";")
         if sep:
-            try:
-                specs.append((path, float(mult)))
-            except ValueError:
-                raise ConfigError(f"--lora_weights '{value}': write 'path;multiplier', e.g. 'my_lora.safetensors;0.8'"
-                                  ) from None
+            specs.append((path, lora_multiplier(mult, value, "--lora_weights")))
             continue
         if multipliers is None:
             specs.append((path, 1.0))
@@ -115,15 +110,8 @@ def apply_loras(specs: list[tuple[str, float]], dit, text: AnimaTextEncoding, va
 
     networks = []
     for path, mult in specs:
-        network, weights = lora_anima.create_network_from_weights(mult, path, vae, [text.qwen3], dit,
-                                                                  for_inference=True)
-        if merge:
-            network.merge_to(weights, multiplier=mult)
-        else:
-            network.apply_to([text.qwen3], dit, apply_text_encoder=network.has_text_encoder_loras(), apply_unet=True)
-            network.load_weights(weights)
-            network.set_multiplier(mult)
-            network.to(device)
+        network = load_lora(lora_anima.create_network_from_weights, path, mult, option="--lora_weights", vae=vae,
+                            text_encoders=[text.qwen3], denoiser=dit, merge=merge, device=device)
         networks.append(network)
         parts = f"{len(network.unet_loras)} DiT" + (f" + {len(network.text_encoder_loras)} Qwen3"
                                                      if network.has_text_encoder_loras() else "")
@@ -148,7 +136,7 @@ def generate(args: argparse.Namespace) -> Path:
     if args.flow_shift <= 0:
         raise ConfigError(f"--flow_shift must be > 0, got {args.flow_shift}")
     specs = parse_lora_specs(args.lora_weights, args.lora_multiplier)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     dtype = DTYPES[args.dtype]
 
     dit, info = load_anima_dit(args.dit, llm_adapter_path=args.llm_adapter_path, device=device, dtype=dtype)
@@ -174,21 +162,11 @@ def generate(args: argparse.Namespace) -> Path:
     image = generate_image(dit, vae, conditioning(0), neg=conditioning(1) if use_cfg else None, width=width,
                            height=height, steps=args.infer_steps, cfg_scale=args.guidance_scale,
                            flow_shift=args.flow_shift, seed=args.seed)
-    out = output_path(args.save_path, args.seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
-    print(f"saved {out}")
-    return out
+    return save_image(image, output_path(args.save_path, args.seed))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        generate(args)
-    except UserError as e:
-        print(f"error: {e}")
-        return 2
-    return 0
+    return run(build_parser(), generate, argv)
 
 
 if __name__ == "__main__":

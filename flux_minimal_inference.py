@@ -15,14 +15,12 @@ from pathlib import Path
 import torch
 
 from library.autoencoders import load_flux_ae
-from library.errors import ConfigError, UserError
+from library.errors import ConfigError
 from library.flux.loading import load_flux_dit
 from library.flux.sampling import generate_image
 from library.flux.text import FluxTextEncoding
 from library.fp8 import quantize_linears_
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+from library.inference_common import DTYPES, default_device, load_lora, parse_lora_arg, run, save_image
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,31 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_lora_arg(value: str) -> tuple[str, float]:
-    path, _, mult = value.partition(";")
-    try:
-        return path, float(mult) if mult else 1.0
-    except ValueError:
-        raise ConfigError(f"--lora '{value}': write 'path;multiplier', e.g. 'my_lora.safetensors;0.8'") from None
-
-
 def apply_loras(loras: list[str], dit, text_encoders, ae, merge: bool) -> list:
     from networks import lora_flux
 
     networks = []
     for value in loras:
-        path, mult = parse_lora_arg(value)
-        if not Path(path).is_file():
-            raise ConfigError(f"--lora {path}: file not found")
-        network, weights = lora_flux.create_network_from_weights(mult, path, ae, text_encoders, dit, for_inference=True)
-        if merge:
-            network.merge_to(weights, multiplier=mult)
-        else:
-            network.apply_to(apply_text_encoder=network.has_text_encoder_loras(), apply_unet=True)
-            network.load_weights(weights)
-            network.set_multiplier(mult)
-            network.to(next(dit.parameters()).device)
-        networks.append(network)
+        path, mult = parse_lora_arg(value, "--lora")
+        networks.append(load_lora(lora_flux.create_network_from_weights, path, mult, option="--lora", vae=ae,
+                                  text_encoders=text_encoders, denoiser=dit, merge=merge,
+                                  device=next(dit.parameters()).device))
         print(f"LoRA {path} x{mult}")
     return networks
 
@@ -90,7 +72,7 @@ def generate(args: argparse.Namespace) -> Path:
                           "--merge_lora_weights (the LoRA then runs beside the fp8 layers)")
     if args.model_type == "flux" and not args.clip_l:
         raise ConfigError("--clip_l is required for FLUX.1 (only Chroma runs without it)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     dtype = DTYPES[args.dtype]
     flux_dtype = dtype if fp8 or not args.flux_dtype else DTYPES[args.flux_dtype]
     load_device = "cpu" if args.offload else device
@@ -129,21 +111,11 @@ def generate(args: argparse.Namespace) -> Path:
         image = generate_image(dit, ae, pick(cond_all, 0), width=args.width, height=args.height, steps=steps,
                                guidance=args.guidance, seed=args.seed, shift=not schnell, cfg_scale=args.cfg_scale,
                                neg=pick(cond_all, 1) if use_cfg else None)
-    out = Path(args.out or f"flux_{time.strftime('%Y%m%d%H%M%S')}.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
-    print(f"saved {out}")
-    return out
+    return save_image(image, Path(args.out or f"flux_{time.strftime('%Y%m%d%H%M%S')}.png"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        generate(args)
-    except UserError as e:
-        print(f"error: {e}")
-        return 2
-    return 0
+    return run(build_parser(), generate, argv)
 
 
 if __name__ == "__main__":

@@ -24,14 +24,15 @@ import torch
 
 from library.attention import set_attention_backend
 from library.autoencoders import load_flux_ae
-from library.errors import ConfigError, UserError
+from library import inference_common
+from library.errors import ConfigError
+from library.inference_common import default_device, load_lora, lora_multiplier, run, save_image
 from library.lumina.loading import load_lumina_dit
 from library.lumina.sampling import (DEFAULT_CFG_TRUNC_RATIO, DEFAULT_RENORM_CFG, DEFAULT_SHIFT, LuminaConditioning,
                                      decode_to_image, sample_latents)
 from library.lumina.text import LuminaTextEncoding, add_text_arguments
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
-          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {**inference_common.DTYPES, "float": torch.float32}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,11 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_lora_arg(value: str) -> tuple[str, float]:
+    """'path;multiplier' -> (path, multiplier); a missing or blank multiplier is 1.0 (blank too,
+    unlike inference_common.parse_lora_arg)."""
     path, _, mult = value.partition(";")
-    try:
-        return path, float(mult) if mult.strip() else 1.0
-    except ValueError:
-        raise ConfigError(f"--lora_weights '{value}': write 'path;multiplier', e.g. 'my_lora.safetensors;0.8'") from None
+    return path, lora_multiplier(mult, value, "--lora_weights") if mult.strip() else 1.0
 
 
 def apply_loras(values: list[str], dit, gemma2, ae, merge: bool, device: torch.device) -> list:
@@ -101,16 +101,8 @@ def apply_loras(values: list[str], dit, gemma2, ae, merge: bool, device: torch.d
     networks = []
     for value in values:
         path, mult = parse_lora_arg(value)
-        if not Path(path).is_file():
-            raise ConfigError(f"--lora_weights {path}: file not found")
-        network, weights = lora_lumina.create_network_from_weights(mult, path, ae, [gemma2], dit, for_inference=True)
-        if merge:
-            network.merge_to(weights, multiplier=mult)
-        else:
-            network.apply_to([gemma2], dit, apply_text_encoder=network.has_text_encoder_loras(), apply_unet=True)
-            network.load_weights(weights)
-            network.set_multiplier(mult)
-            network.to(device)
+        network = load_lora(lora_lumina.create_network_from_weights, path, mult, option="--lora_weights", vae=ae,
+                            text_encoders=[gemma2], denoiser=dit, merge=merge, device=device)
         networks.append(network)
         print(f"LoRA {path} x{mult} ({len(network.loras)} modules)")
     return networks
@@ -141,7 +133,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def generate(args: argparse.Namespace) -> Path:
     check_args(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     dtype, gemma2_dtype, ae_dtype = DTYPES[args.dtype], DTYPES[args.gemma2_dtype], DTYPES[args.ae_dtype]
     load_device = "cpu" if args.offload else device
 
@@ -172,22 +164,11 @@ def generate(args: argparse.Namespace) -> Path:
             dit.to("cpu")
         ae.to(device)
         image = decode_to_image(ae, x)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"image_{time.strftime('%Y%m%d%H%M%S')}_{seed}.png"
-    image.save(out)
-    print(f"saved {out}")
-    return out
+    return save_image(image, Path(args.output_dir) / f"image_{time.strftime('%Y%m%d%H%M%S')}_{seed}.png")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        generate(args)
-    except UserError as e:
-        print(f"error: {e}")
-        return 2
-    return 0
+    return run(build_parser(), generate, argv)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,11 @@ from pathlib import Path
 import torch
 
 from library.errors import ConfigError, UserError
+from library.inference_common import DTYPES, default_device, load_lora, parse_lora_arg, run, save_image
 from library.sd3.loading import load_sd3_mmdit, load_sd3_vae
 from library.sd3.sampling import SAMPLING_SHIFT, generate_image, round_image_size
 from library.sd3.text import DEFAULT_T5_MAX_LENGTH, SD3TextEncoding
 from library.training.sample_prompts import parse_prompt_line
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,31 +75,14 @@ def compute_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def parse_lora_arg(value: str) -> tuple[str, float]:
-    path, _, mult = value.partition(";")
-    try:
-        return path, float(mult) if mult else 1.0
-    except ValueError:
-        raise ConfigError(f"--lora_weights '{value}': write 'path;multiplier', e.g. 'my_lora.safetensors;0.8'") from None
-
-
 def apply_loras(loras: list[str], mmdit, text_encoders, vae, merge: bool, device) -> list:
     from networks import lora_sd3
 
     networks = []
     for value in loras:
-        path, mult = parse_lora_arg(value)
-        if not Path(path).is_file():
-            raise ConfigError(f"--lora_weights {path}: file not found")
-        network, weights = lora_sd3.create_network_from_weights(mult, path, vae, text_encoders, mmdit,
-                                                                for_inference=True)
-        if merge:
-            network.merge_to(weights, multiplier=mult)
-        else:
-            network.apply_to(apply_text_encoder=network.has_text_encoder_loras(), apply_unet=True)
-            network.load_weights(weights)
-            network.set_multiplier(mult)
-            network.to(device)
+        path, mult = parse_lora_arg(value, "--lora_weights")
+        network = load_lora(lora_sd3.create_network_from_weights, path, mult, option="--lora_weights", vae=vae,
+                            text_encoders=text_encoders, denoiser=mmdit, merge=merge, device=device)
         networks.append(network)
         print(f"LoRA {path} x{mult}: {len(network.unet_loras)} MMDiT and {len(network.text_encoder_loras)} "
               "text-encoder modules")
@@ -112,7 +93,7 @@ class Generator:
     """The loaded models; `image(...)` encodes a prompt pair and samples one image."""
 
     def __init__(self, args: argparse.Namespace):
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(args.device)
         self.dtype = compute_dtype(args, self.device)
         self.offload = args.offload
         load_device = "cpu" if args.offload else self.device
@@ -169,13 +150,6 @@ def output_path(args: argparse.Namespace) -> Path:
     return Path(args.output_dir) / f"{time.strftime('%Y%m%d_%H%M%S')}.png"
 
 
-def save(image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    print(f"saved {path}")
-    return path
-
-
 def check_args(args: argparse.Namespace) -> None:
     problems = []
     if args.steps < 1:
@@ -187,7 +161,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.interactive and args.out:
         problems.append("--out names one file; with --interactive give --output_dir instead")
     for value in args.lora_weights:
-        path, _ = parse_lora_arg(value)
+        path, _ = parse_lora_arg(value, "--lora_weights")
         if not Path(path).is_file():
             problems.append(f"--lora_weights {path}: file not found")
     if problems:
@@ -214,7 +188,7 @@ def interactive(gen: Generator, args: argparse.Namespace) -> None:
         except UserError as e:
             print(f"error: {e}")
             continue
-        save(image, Path(args.output_dir) / f"{time.strftime('%Y%m%d_%H%M%S')}_{index:02d}.png")
+        save_image(image, Path(args.output_dir) / f"{time.strftime('%Y%m%d_%H%M%S')}_{index:02d}.png")
         index += 1
 
 
@@ -226,17 +200,11 @@ def generate(args: argparse.Namespace) -> Path | None:
         return None
     image = gen.image(args.prompt, args.negative_prompt, width=args.width, height=args.height, steps=args.steps,
                       cfg_scale=args.cfg_scale, seed=args.seed)
-    return save(image, output_path(args))
+    return save_image(image, output_path(args))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        generate(args)
-    except UserError as e:
-        print(f"error: {e}")
-        return 2
-    return 0
+    return run(build_parser(), generate, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -35,12 +34,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anima_train_network import AnimaNetworkTrainer  # noqa: E402
+from benchmarks.bench_common import (billions_of_parameters, device_name, lora_training_step,  # noqa: E402
+                                     ready_to_train, synchronize, time_steps, timing_fields)
 from library.anima.arguments import apply_attention_options  # noqa: E402
 from library.anima.model import ANIMA_PARAMS, AnimaParams  # noqa: E402
 from library.tiny.anima import build_anima_model, tiny_anima_params  # noqa: E402
-from library.training.losses import compute_per_sample_loss  # noqa: E402
-from library.training.optimizers import build_optimizer  # noqa: E402
-from library.training.trainer import FamilyModels, compile_blocks  # noqa: E402
+from library.training.trainer import FamilyModels  # noqa: E402
 from networks import lora_anima  # noqa: E402
 
 
@@ -86,8 +85,7 @@ def main() -> None:
     t0 = time.perf_counter()
     dit = build_anima_model(params, device=device, dtype=dtype)
     dit.requires_grad_(False).eval()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     build_s = time.perf_counter() - t0
     if not a.no_grad_ckpt:
         dit.enable_gradient_checkpointing()
@@ -103,11 +101,7 @@ def main() -> None:
     network = lora_anima.create_network(1.0, a.rank, a.rank, None, None, dit,
                                         train_llm_adapter=str(a.train_llm_adapter))
     network.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
-    network.to(device)
-    if a.compile:
-        compile_blocks(trainer.block_lists(models), "inductor")
-    groups, _ = network.prepare_optimizer_params(text_encoder_lr=None, unet_lr=None, default_lr=1e-4)
-    opt = build_optimizer(a.optimizer, [], groups, 1e-4).optimizer
+    opt = ready_to_train(network, trainer, models, device, optimizer=a.optimizer, compile=a.compile)
 
     lat = a.size // 8
     latents = torch.randn(1, 16, lat, lat, device=device)
@@ -119,47 +113,18 @@ def main() -> None:
             "attn_mask": mask, "t5_input_ids": torch.randint(2, params.llm_adapter.vocab_size, (1, a.text_len), device=device) * mask,
             "t5_attn_mask": mask.clone()}
 
-    def step() -> torch.Tensor:
-        noisy = trainer.noisy_input(args, latents, torch.randn_like(latents))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            pred = trainer.denoise(args, models, noisy, text)
-        p, w = trainer.loss_terms(args, pred.float(), noisy)
-        loss = compute_per_sample_loss(trainer._loss_config, p, noisy.target.float(), timesteps=noisy.timesteps,
-                                       sigmas=noisy.sigmas, weighting=w, mask=None,
-                                       loss_weights=torch.ones(1, device=device)).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.get_trainable_params(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(a.steps):
-        sync()
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
-    measured = times[5:] if len(times) > 6 else times
-    med = statistics.median(measured)
-    p90 = sorted(measured)[int(0.9 * (len(measured) - 1))]
+    step = lora_training_step(trainer, args, models, network, opt, latents, text, dtype=dtype)
+    times, _ = time_steps(step, a.steps, device)
     ctx_tokens = max(a.text_len, 512)   # the adapter output is padded to 512 tokens
     flops = useful_flops(params, (lat // params.patch_spatial) ** 2, ctx_tokens, a.text_len, a.text_len)
     print(json.dumps({
         "model": "tiny-anima" if a.tiny else f"anima-{params.num_blocks}-blocks",
-        "dit_params_b": round(sum(p.numel() for p in dit.parameters()) / 1e9, 3),
+        "dit_params_b": billions_of_parameters(dit),
         "lora_modules": len(network.loras), "train_llm_adapter": a.train_llm_adapter,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "size": a.size, "text_len": a.text_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt,
         "compile": a.compile, "attn_mode": a.attn_mode, "split_attn": a.split_attn,
-        "build_s": round(build_s, 2), "median_s": round(med, 4), "p90_s": round(p90, 4), "steps": a.steps,
-        "useful_tflop_per_step": round(flops / 1e12, 2),
-        "mfu": round(flops / med / (a.peak_tflops * 1e12), 3) if device.type == "cuda" else None,
-        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-        "torch": torch.__version__,
+        **timing_fields(times, device, build_s=build_s, flops_per_step=flops, peak_tflops=a.peak_tflops),
     }))
 
 

@@ -4,20 +4,20 @@
     python benchmarks/bench_lumina_train.py --device cuda --steps 40 --use_flash_attn   # flash-attn (varlen)
     python benchmarks/bench_lumina_train.py --tiny --device cpu --steps 3               # quick check on CPU
 
-The step is the trainer's own code (LuminaNetworkTrainer.noisy_input / denoise / loss_terms with
-the guide's recommended options: nextdit_shift, shift 6.0, raw prediction; the shared loss; LoRA
-from networks.lora_lumina; the optimizer builder), fed with synthetic cached latents and Gemma2
-outputs, i.e. what `--cache_latents --cache_text_encoder_outputs --network_train_unet_only`
-gives the loop. The caption is right-padded to --cap_len with --cap_tokens real tokens (the
-system prompt plus a caption); the DiT drops the padding. Prints one JSON line: median/p90 step
-time over steps 6.., peak memory, and model FLOPs utilisation as TARGETS.md defines it.
+The step (benchmarks/bench_common.py) is the trainer's own code
+(LuminaNetworkTrainer.noisy_input / denoise / loss_terms with the guide's recommended options:
+nextdit_shift, shift 6.0, raw prediction; the shared loss; LoRA from networks.lora_lumina; the
+optimizer builder), fed with synthetic cached latents and Gemma2 outputs, i.e. what
+`--cache_latents --cache_text_encoder_outputs --network_train_unet_only` gives the loop. The
+caption is right-padded to --cap_len with --cap_tokens real tokens (the system prompt plus a
+caption); the DiT drops the padding. Prints one JSON line: median/p90 step time over steps 6..,
+peak memory, and model FLOPs utilisation as TARGETS.md defines it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,13 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_common import (billions_of_parameters, device_name, lora_training_step,  # noqa: E402
+                                     ready_to_train, time_steps, timing_fields)
 from library.attention import set_attention_backend  # noqa: E402
 from library.errors import ConfigError  # noqa: E402
 from library.lumina.model import VARIANTS, LuminaParams  # noqa: E402
 from library.tiny.lumina import build_lumina_model, tiny_lumina_params  # noqa: E402
-from library.training.losses import compute_per_sample_loss  # noqa: E402
-from library.training.optimizers import build_optimizer  # noqa: E402
-from library.training.trainer import FamilyModels, compile_blocks  # noqa: E402
+from library.training.trainer import FamilyModels  # noqa: E402
 from lumina_train_network import LuminaNetworkTrainer  # noqa: E402
 from networks import lora_lumina  # noqa: E402
 
@@ -96,11 +96,7 @@ def main() -> None:
 
     network = lora_lumina.create_network(1.0, a.rank, a.rank, None, None, dit)
     network.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
-    network.to(device)
-    if a.compile:
-        compile_blocks(trainer.block_lists(models), "inductor")
-    groups, _ = network.prepare_optimizer_params(text_encoder_lr=None, unet_lr=None, default_lr=1e-4)
-    opt = build_optimizer(a.optimizer, [], groups, 1e-4).optimizer
+    opt = ready_to_train(network, trainer, models, device, optimizer=a.optimizer, compile=a.compile)
 
     lat = a.size // 8
     latents = torch.randn(a.batch, params.in_channels, lat, lat, device=device)
@@ -108,48 +104,19 @@ def main() -> None:
     mask[:, :a.cap_tokens] = 1
     text = {"hidden_state": torch.randn(a.batch, a.cap_len, params.cap_feat_dim, device=device),
             "attention_mask": mask, "input_ids": torch.zeros(a.batch, a.cap_len, dtype=torch.long, device=device)}
-    ones = torch.ones(a.batch, device=device)
 
-    def step() -> torch.Tensor:
-        noisy = trainer.noisy_input(args, latents, torch.randn_like(latents))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            pred = trainer.denoise(args, models, noisy, text)
-        p, w = trainer.loss_terms(args, pred.float(), noisy)
-        loss = compute_per_sample_loss(trainer._loss_config, p, noisy.target.float(), timesteps=noisy.timesteps,
-                                       sigmas=noisy.sigmas, weighting=w, mask=None, loss_weights=ones).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.get_trainable_params(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(a.steps):
-        sync()
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
-    measured = times[5:] if len(times) > 6 else times
-    med = statistics.median(measured)
-    p90 = sorted(measured)[int(0.9 * (len(measured) - 1))]
+    step = lora_training_step(trainer, args, models, network, opt, latents, text, dtype=dtype)
+    times, _ = time_steps(step, a.steps, device)
     img_tokens = (lat // params.patch_size) ** 2
     flops = useful_flops(params, img_tokens, a.cap_tokens, a.batch)
     out = {
         "model": ("tiny-" if a.tiny else "") + "lumina2",
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "dit_params_b": round(sum(p.numel() for p in dit.parameters()) / 1e9, 3),
+        "device": device_name(device), "dit_params_b": billions_of_parameters(dit),
         "attention": "flash" if a.use_flash_attn else "sdpa", "size": a.size, "batch": a.batch,
         "cap_len": a.cap_len, "cap_tokens": a.cap_tokens, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt,
-        "compile": a.compile, "lora_modules": len(network.loras), "build_s": round(build_s, 2),
-        "median_s": round(med, 4), "p90_s": round(p90, 4), "steps": a.steps,
-        "useful_tflop_per_step": round(flops / 1e12, 4),
-        "mfu": round(flops / med / (a.peak_tflops * 1e12), 3) if device.type == "cuda" else None,
-        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-        "torch": torch.__version__,
+        "compile": a.compile, "lora_modules": len(network.loras),
+        **timing_fields(times, device, build_s=build_s, flops_per_step=flops, peak_tflops=a.peak_tflops,
+                        tflop_digits=4),
     }
     print(json.dumps(out))
 

@@ -4,18 +4,17 @@
     python benchmarks/bench_sd3_train.py --variant 5-medium                # SD3.5 Medium
     python benchmarks/bench_sd3_train.py --tiny --device cpu --steps 3     # quick check on CPU
 
-The step is the trainer's own code (SD3NetworkTrainer.noisy_input / denoise / loss_terms, the
-shared loss, LoRA from networks.lora_sd3, the optimizer builder), fed with synthetic cached
-latents and text outputs, i.e. what `--cache_latents --cache_text_encoder_outputs` gives the
-loop. Prints one JSON line: median/p90 step time over steps 6.., peak memory, and model FLOPs
-utilisation as TARGETS.md defines it.
+The step (benchmarks/bench_common.py) is the trainer's own code (SD3NetworkTrainer.noisy_input /
+denoise / loss_terms, the shared loss, LoRA from networks.lora_sd3, the optimizer builder), fed
+with synthetic cached latents and text outputs, i.e. what
+`--cache_latents --cache_text_encoder_outputs` gives the loop. Prints one JSON line: median/p90
+step time over steps 6.., peak memory, and model FLOPs utilisation as TARGETS.md defines it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,12 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_common import (billions_of_parameters, device_name, lora_training_step,  # noqa: E402
+                                     ready_to_train, time_steps, timing_fields)
 from library.sd3.model import VARIANTS  # noqa: E402
 from library.sd3.text import CLIP_MAX_LENGTH  # noqa: E402
 from library.tiny.sd3 import build_mmdit, tiny_sd3_params  # noqa: E402
-from library.training.losses import compute_per_sample_loss  # noqa: E402
-from library.training.optimizers import build_optimizer  # noqa: E402
-from library.training.trainer import FamilyModels, compile_blocks  # noqa: E402
+from library.training.trainer import FamilyModels  # noqa: E402
 from networks import lora_sd3  # noqa: E402
 from sd3_train_network import SD3NetworkTrainer  # noqa: E402
 
@@ -90,11 +89,7 @@ def main() -> None:
 
     network = lora_sd3.create_network(1.0, a.rank, a.rank, None, None, mmdit)
     network.apply_to(apply_text_encoder=False, apply_unet=True)
-    network.to(device)
-    if a.compile:
-        compile_blocks(trainer.block_lists(models), "inductor")
-    groups, _ = network.prepare_optimizer_params(text_encoder_lr=None, unet_lr=None, default_lr=1e-4)
-    opt = build_optimizer(a.optimizer, [], groups, 1e-4).optimizer
+    opt = ready_to_train(network, trainer, models, device, optimizer=a.optimizer, compile=a.compile)
 
     b, lat_hw = a.batch, a.size // 8
     latents = torch.randn(b, params.in_channels, lat_hw, lat_hw, device=device)
@@ -106,47 +101,17 @@ def main() -> None:
             "clip_g_attn_mask": torch.ones(b, CLIP_MAX_LENGTH, dtype=torch.long, device=device),
             "t5_attn_mask": torch.ones(b, a.t5_len, dtype=torch.long, device=device)}
 
-    def step() -> torch.Tensor:
-        noisy = trainer.noisy_input(args, latents, torch.randn_like(latents))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            pred = trainer.denoise(args, models, noisy, text)
-        p, w = trainer.loss_terms(args, pred.float(), noisy)
-        loss = compute_per_sample_loss(trainer._loss_config, p, noisy.target.float(), timesteps=noisy.timesteps,
-                                       sigmas=noisy.sigmas, weighting=w, mask=None,
-                                       loss_weights=torch.ones(b, device=device)).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.get_trainable_params(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, last_loss = [], None
-    for _ in range(a.steps):
-        sync()
-        t = time.perf_counter()
-        last_loss = step()
-        sync()
-        times.append(time.perf_counter() - t)
-    measured = times[5:] if len(times) > 6 else times
-    med = statistics.median(measured)
-    p90 = sorted(measured)[int(0.9 * (len(measured) - 1))]
+    step = lora_training_step(trainer, args, models, network, opt, latents, text, dtype=dtype)
+    times, last_loss = time_steps(step, a.steps, device)
     img_tokens = (lat_hw // params.patch_size) ** 2
     flops = useful_flops(params, img_tokens, CLIP_MAX_LENGTH + a.t5_len) * b
     out = {
         "model": ("tiny-" if a.tiny else "") + VARIANTS[a.variant].label.replace(" ", "-").lower(),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "size": a.size, "batch": b, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt,
-        "compile": a.compile, "weighting_scheme": a.weighting_scheme,
-        "dit_params_b": round(sum(p.numel() for p in mmdit.parameters()) / 1e9, 3),
-        "lora_modules": len(network.loras), "build_s": round(build_s, 2), "median_s": round(med, 4),
-        "p90_s": round(p90, 4), "steps": a.steps, "last_loss": round(float(last_loss), 4),
-        "useful_tflop_per_step": round(flops / 1e12, 2),
-        "mfu": round(flops / med / (a.peak_tflops * 1e12), 3) if device.type == "cuda" else None,
-        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-        "torch": torch.__version__,
+        "compile": a.compile, "weighting_scheme": a.weighting_scheme, "dit_params_b": billions_of_parameters(mmdit),
+        "lora_modules": len(network.loras), "last_loss": round(float(last_loss), 4),
+        **timing_fields(times, device, build_s=build_s, flops_per_step=flops, peak_tflops=a.peak_tflops),
     }
     print(json.dumps(out))
 

@@ -102,6 +102,17 @@ def _compute_dtype(file_dtype: torch.dtype, requested: torch.dtype | None) -> to
     return torch.bfloat16 if file_dtype in _FP8_DTYPES else file_dtype
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where a (text encoder) model's weights are."""
+    return next(model.parameters()).device
+
+
+def output_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a text encoder computes in: its weights' dtype, bf16 for one-byte (fp8) weights."""
+    dtype = next(model.parameters()).dtype
+    return torch.bfloat16 if dtype.itemsize == 1 else dtype
+
+
 def _build_without_weights(model_cls, config):
     """Parameters on the meta device (assigned from the file later), buffers real."""
     from accelerate import init_empty_weights

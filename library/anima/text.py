@@ -28,6 +28,7 @@ from library import text_encoders as te
 from library.autoencoders import describe_checkpoint
 from library.errors import ModelFileError
 from library.safetensors_io import load_file, tensor_shapes
+from library.text_cache import TextCacheAdapter, cache_entries
 
 QWEN3_TOKENIZER_ID = "Qwen/Qwen3-0.6B"
 DEFAULT_QWEN3_MAX_LENGTH = 512
@@ -216,26 +217,10 @@ class AnimaTextEncoding:
     @torch.no_grad()
     def encode_for_cache(self, captions: list[str]) -> list[dict[str, Tensor]]:
         """One dict per caption, on the CPU; the embeddings in float32."""
-        out = self.encode(captions)
-        entries = []
-        for i in range(len(captions)):
-            entry = {k: getattr(out, k)[i].detach().cpu() for k in AnimaTextOutputs.CACHE_KEYS}
-            entry["prompt_embeds"] = entry["prompt_embeds"].float()
-            entries.append(entry)
-        return entries
+        return cache_entries(self.encode(captions), AnimaTextOutputs.CACHE_KEYS, float32=("prompt_embeds",))
 
 
-class AnimaTextCacheEncoder:
-    """Adapter to the data pipeline's TextCacheEncoder protocol (identity + encode -> dicts)."""
+class AnimaTextCacheEncoder(TextCacheAdapter):
+    """An AnimaTextEncoding as the data pipeline's TextCacheEncoder (identity + encode -> dicts)."""
 
     file_suffix = "_anima_te"  # cache files `<stem>_anima_te.safetensors`, as sd-scripts' `_anima_te.npz`
-
-    def __init__(self, encoding: AnimaTextEncoding):
-        self.encoding = encoding
-
-    @property
-    def identity(self) -> str:
-        return self.encoding.identity
-
-    def encode(self, captions: list[str]) -> list[dict[str, Tensor]]:
-        return self.encoding.encode_for_cache(captions)

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from library.flux.sampling import FluxConditioning, prepare_txt_ids
+from library.text_cache import TextCacheAdapter, cache_entries
+from library.text_encoders import model_device, output_dtype
 
 CLIP_MAX_LENGTH = 77
 CLIP_L_WIDTH = 768
@@ -104,14 +106,15 @@ class FluxTextEncoding:
     def encode_clip_pooled(self, captions: list[str]) -> Tensor:
         """(B, 768) CLIP-L pooled output; zeros for Chroma (no CLIP-L)."""
         if self.clip_l is None:
-            return torch.zeros(len(captions), self.clip_width, device=_device_of(self.t5), dtype=_dtype_of(self.t5))
+            return torch.zeros(len(captions), self.clip_width, device=model_device(self.t5),
+                               dtype=output_dtype(self.t5))
         clip_ids = self.clip_tokenizer(captions, padding="max_length", max_length=CLIP_MAX_LENGTH,
                                        truncation=True, return_tensors="pt").input_ids
-        return self.clip_l(clip_ids.to(_device_of(self.clip_l))).pooler_output
+        return self.clip_l(clip_ids.to(model_device(self.clip_l))).pooler_output
 
     def encode_t5(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """(T5 last hidden state (B, L, 4096), token mask (B, L))."""
-        t5_device = _device_of(self.t5)
+        t5_device = model_device(self.t5)
         input_ids, mask = self.tokenize_t5(captions)
         input_ids, mask = input_ids.to(t5_device), mask.to(t5_device)
         t5_out = self.t5(input_ids, attention_mask=mask if self.apply_t5_attn_mask else None).last_hidden_state
@@ -120,34 +123,12 @@ class FluxTextEncoding:
     @torch.no_grad()
     def encode_for_cache(self, captions: list[str]) -> list[dict[str, Tensor]]:
         """One dict per caption, on the CPU, float32, with sd-scripts' _flux_te.npz names."""
-        out = self.encode(captions)
-        entries = []
-        for i in range(len(captions)):
-            entry = {k: getattr(out, k)[i].detach().cpu() for k in FluxTextOutputs.CACHE_KEYS}
-            entry["l_pooled"], entry["t5_out"] = entry["l_pooled"].float(), entry["t5_out"].float()
+        entries = cache_entries(self.encode(captions), FluxTextOutputs.CACHE_KEYS,
+                                float32=("l_pooled", "t5_out"))
+        for entry in entries:
             entry["apply_t5_attn_mask"] = torch.tensor(self.apply_t5_attn_mask)
-            entries.append(entry)
         return entries
 
 
-class FluxTextCacheEncoder:
-    """Adapter to the data pipeline's TextCacheEncoder protocol (identity + encode -> dicts)."""
-
-    def __init__(self, encoding: FluxTextEncoding):
-        self.encoding = encoding
-
-    @property
-    def identity(self) -> str:
-        return self.encoding.identity
-
-    def encode(self, captions: list[str]) -> list[dict[str, Tensor]]:
-        return self.encoding.encode_for_cache(captions)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _dtype_of(model: nn.Module) -> torch.dtype:
-    dtype = next(model.parameters()).dtype
-    return torch.bfloat16 if dtype.itemsize == 1 else dtype
+class FluxTextCacheEncoder(TextCacheAdapter):
+    """A FluxTextEncoding as the data pipeline's TextCacheEncoder (identity + encode -> dicts)."""

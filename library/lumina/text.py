@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from library.errors import ConfigError
+from library.text_cache import TextCacheAdapter, cache_entries
 
 SYSTEM_PROMPT_SEPARATOR = " <Prompt Start> "
 RECOMMENDED_SYSTEM_PROMPTS = (
@@ -130,27 +131,11 @@ class LuminaTextEncoding:
     @torch.no_grad()
     def encode_for_cache(self, captions: list[str]) -> list[dict[str, Tensor]]:
         """One dict per caption, on the CPU, with sd-scripts' _lumina_te.npz names (states in float32)."""
-        out = self.encode(captions)
-        entries = []
-        for i in range(len(captions)):
-            entry = {k: getattr(out, k)[i].detach().cpu() for k in LuminaTextOutputs.CACHE_KEYS}
-            entry["hidden_state"] = entry["hidden_state"].float()
-            entries.append(entry)
-        return entries
+        return cache_entries(self.encode(captions), LuminaTextOutputs.CACHE_KEYS, float32=("hidden_state",))
 
 
-class LuminaTextCacheEncoder:
-    """Adapter to the data pipeline's TextCacheEncoder protocol (identity + encode -> dicts).
+class LuminaTextCacheEncoder(TextCacheAdapter):
+    """A LuminaTextEncoding as the data pipeline's TextCacheEncoder (identity + encode -> dicts).
     Disk caches are named `<image stem>_lumina_te.safetensors`."""
 
     file_suffix = "_lumina_te"
-
-    def __init__(self, encoding: LuminaTextEncoding):
-        self.encoding = encoding
-
-    @property
-    def identity(self) -> str:
-        return self.encoding.identity
-
-    def encode(self, captions: list[str]) -> list[dict[str, Tensor]]:
-        return self.encoding.encode_for_cache(captions)

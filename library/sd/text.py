@@ -141,6 +141,25 @@ class SDTextEncoding:
         return [{CACHE_KEY: states[i]} for i in range(len(captions))]
 
 
+def build_text_encoding(text_encoder: nn.Module, v2: bool, *, tokenizer_cache_dir: str | os.PathLike | None = None,
+                        tokenizer_dir: str | os.PathLike | None = None, clip_skip: int | None = None,
+                        max_token_length: int | None = None, weights_identity: str = "") -> SDTextEncoding:
+    """The tokenizer (load_sd_tokenizer) and SDTextEncoding of a loaded model, with --clip_skip /
+    --max_token_length errors as ConfigError (used by train_network.py and sd_minimal_inference.py)."""
+    from library.errors import ConfigError
+
+    tokenizer = load_sd_tokenizer(v2, cache_dir=tokenizer_cache_dir, local_path=tokenizer_dir)
+    try:
+        chunk_count(max_token_length)
+    except ValueError as e:
+        raise ConfigError(f"--max_token_length {max_token_length}: {e}") from e
+    try:
+        return SDTextEncoding(tokenizer, text_encoder, clip_skip=clip_skip, max_token_length=max_token_length,
+                              weights_identity=weights_identity)
+    except ValueError as e:
+        raise ConfigError(f"--clip_skip {clip_skip}: {e}") from e
+
+
 class SDTextCacheEncoder:
     """Adapter to the data pipeline's TextCacheEncoder protocol (identity + encode -> dicts)."""
 

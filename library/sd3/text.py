@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from library.text_cache import TextCacheAdapter, cache_entries
+from library.text_encoders import model_device, output_dtype
+
 CLIP_MAX_LENGTH = 77
 DEFAULT_T5_MAX_LENGTH = 256
 CONTEXT_WIDTH = 4096   # T5-XXL's width; the CLIP states are padded to it
@@ -226,10 +229,10 @@ class SD3TextEncoding:
 
     def _encode_clip(self, model: nn.Module, ids: Tensor, mask: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(penultimate states, projected pooled, mask) with dropped samples zeroed and not run."""
-        device = _device_of(model)
+        device = model_device(model)
         batch, length = ids.shape
-        states = torch.zeros(batch, length, model.config.hidden_size, device=device, dtype=_dtype_of(model))
-        pooled = torch.zeros(batch, model.config.projection_dim, device=device, dtype=_dtype_of(model))
+        states = torch.zeros(batch, length, model.config.hidden_size, device=device, dtype=output_dtype(model))
+        pooled = torch.zeros(batch, model.config.projection_dim, device=device, dtype=output_dtype(model))
         mask = mask.to(device) * keep.to(device)[:, None].to(mask.dtype)
         kept = keep.nonzero().flatten().tolist()
         if kept:
@@ -244,11 +247,11 @@ class SD3TextEncoding:
         return states, pooled, mask
 
     def _encode_t5(self, ids: Tensor, mask: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-        device = _device_of(self.t5)
+        device = model_device(self.t5)
         batch, length = ids.shape
         mask = mask.to(device) * keep.to(device)[:, None].to(mask.dtype)
         kept = keep.nonzero().flatten().tolist()
-        states = torch.zeros(batch, length, self.context_width, device=device, dtype=_dtype_of(self.t5))
+        states = torch.zeros(batch, length, self.context_width, device=device, dtype=output_dtype(self.t5))
         if kept:
             index = torch.tensor(kept, device=device)
             out = self.t5(ids.to(device)[index], attention_mask=mask[index] if self.apply_t5_attn_mask else None
@@ -273,9 +276,9 @@ class SD3TextEncoding:
     def encode_t5_states(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """T5 alone: last hidden states (B, L, width) and mask (B, L); zeros of 77 tokens without a T5."""
         if self.t5 is None:
-            device = _device_of(self.clip_l)
+            device = model_device(self.clip_l)
             return (torch.zeros(len(captions), CLIP_MAX_LENGTH, self.context_width, device=device,
-                                dtype=_dtype_of(self.clip_l)),
+                                dtype=output_dtype(self.clip_l)),
                     torch.zeros(len(captions), CLIP_MAX_LENGTH, dtype=torch.long, device=device))
         ids, mask = self._tokens(self.t5_tokenizer, captions, self.t5_max_length)
         return self._encode_t5(ids, mask, torch.ones(len(captions), dtype=torch.bool))
@@ -310,36 +313,13 @@ class SD3TextEncoding:
     def encode_for_cache(self, captions: list[str]) -> list[dict[str, Tensor]]:
         """One dict per caption, on the CPU, float32, with sd-scripts' _sd3_te.npz names. No
         dropout (it is applied to cached outputs at train time)."""
-        out = self.encode(captions)
-        entries = []
-        for i in range(len(captions)):
-            entry = {k: getattr(out, k)[i].detach().cpu() for k in SD3TextOutputs.CACHE_KEYS}
-            for k in ("lg_out", "t5_out", "lg_pooled"):
-                entry[k] = entry[k].float()
+        entries = cache_entries(self.encode(captions), SD3TextOutputs.CACHE_KEYS,
+                                float32=("lg_out", "t5_out", "lg_pooled"))
+        for entry in entries:
             entry["apply_lg_attn_mask"] = torch.tensor(self.apply_lg_attn_mask)
             entry["apply_t5_attn_mask"] = torch.tensor(self.apply_t5_attn_mask)
-            entries.append(entry)
         return entries
 
 
-class SD3TextCacheEncoder:
-    """Adapter to the data pipeline's TextCacheEncoder protocol (identity + encode -> dicts)."""
-
-    def __init__(self, encoding: SD3TextEncoding):
-        self.encoding = encoding
-
-    @property
-    def identity(self) -> str:
-        return self.encoding.identity
-
-    def encode(self, captions: list[str]) -> list[dict[str, Tensor]]:
-        return self.encoding.encode_for_cache(captions)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _dtype_of(model: nn.Module) -> torch.dtype:
-    dtype = next(model.parameters()).dtype
-    return torch.bfloat16 if dtype.itemsize == 1 else dtype
+class SD3TextCacheEncoder(TextCacheAdapter):
+    """An SD3TextEncoding as the data pipeline's TextCacheEncoder (identity + encode -> dicts)."""

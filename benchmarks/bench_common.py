@@ -1,0 +1,117 @@
+"""What the bench_<family>_train.py scripts share: the LoRA training step on cached inputs, its
+timing, and the figures of the JSON line (median/p90 step time, peak memory, MFU).
+
+Each script builds its family's model, trainer arguments and synthetic cached inputs; the step
+and the figures come from here, so that the families' numbers are measured the same way.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from library.training.losses import compute_per_sample_loss
+from library.training.optimizers import build_optimizer
+from library.training.trainer import compile_blocks
+
+# The TARGETS.md setting's learning rate, for every LoRA parameter.
+LEARNING_RATE = 1e-4
+# Steps left out of the median/p90 when there are enough: the first ones pay for the allocator's
+# growth, cuDNN/SDPA autotuning and torch.compile.
+WARMUP_STEPS = 5
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+
+
+def billions_of_parameters(model: nn.Module) -> float:
+    return round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU does not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def lora_optimizer(network: Any, name: str) -> torch.optim.Optimizer:
+    """The optimizer `name` over the network's parameter groups at LEARNING_RATE, built by the
+    trainer's optimizer builder."""
+    groups, _ = network.prepare_optimizer_params(text_encoder_lr=None, unet_lr=None, default_lr=LEARNING_RATE)
+    return build_optimizer(name, [], groups, LEARNING_RATE).optimizer
+
+
+def ready_to_train(network: Any, trainer: Any, models: Any, device: torch.device, *, optimizer: str,
+                   compile: bool) -> torch.optim.Optimizer:
+    """After `apply_to`: the LoRA moved to the device, the blocks compiled as --torch_compile does
+    (each block with inductor) when `compile`, and the optimizer (lora_optimizer)."""
+    network.to(device)
+    if compile:
+        compile_blocks(trainer.block_lists(models), "inductor")
+    return lora_optimizer(network, optimizer)
+
+
+def lora_training_step(trainer: Any, args: Any, models: Any, network: Any, optimizer: torch.optim.Optimizer,
+                       latents: torch.Tensor, text: Mapping[str, torch.Tensor] | Callable[[], Any], *,
+                       dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """One training step along the trainer's own code path, on fixed cached latents: noise and
+    timesteps, the family's forward (bf16 autocast when `dtype` is bf16), the shared loss,
+    backward, gradient clipping at 1.0, the optimizer step. `text` is the cached text outputs, or
+    a function returning the conditioning, called under autocast (text-encoder LoRA encodes live).
+    The step returns the detached loss."""
+    device = latents.device
+    loss_weights = torch.ones(latents.shape[0], device=device)
+
+    def step() -> torch.Tensor:
+        noisy = trainer.noisy_input(args, latents, torch.randn_like(latents))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            pred = trainer.denoise(args, models, noisy, text() if callable(text) else text)
+        p, w = trainer.loss_terms(args, pred.float(), noisy)
+        loss = compute_per_sample_loss(trainer._loss_config, p, noisy.target.float(), timesteps=noisy.timesteps,
+                                       sigmas=noisy.sigmas, weighting=w, mask=None, loss_weights=loss_weights).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.get_trainable_params(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def time_steps(step: Callable[[], Any], steps: int, device: torch.device) -> tuple[list[float], Any]:
+    """Run `step` `steps` times: the wall time of each (the device synchronised before and after,
+    so a step's time is its work, not its launch) and the last step's result. The CUDA peak
+    memory counter starts here, so peak_alloc_gib covers the timed steps."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, result = [], None
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        result = step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times, result
+
+
+def timing_fields(times: list[float], device: torch.device, *, build_s: float, flops_per_step: float,
+                  peak_tflops: float, tflop_digits: int = 2) -> dict[str, Any]:
+    """The JSON line's shared figures: build time, median and p90 step time (after the warm-up
+    steps when there are more than WARMUP_STEPS + 1), useful TFLOP per step, and on CUDA the MFU
+    against `peak_tflops` and the peak allocated memory."""
+    measured = times[WARMUP_STEPS:] if len(times) > WARMUP_STEPS + 1 else times
+    median = statistics.median(measured)
+    p90 = sorted(measured)[int(0.9 * (len(measured) - 1))]
+    cuda = device.type == "cuda"
+    return {
+        "build_s": round(build_s, 2), "median_s": round(median, 4), "p90_s": round(p90, 4), "steps": len(times),
+        "useful_tflop_per_step": round(flops_per_step / 1e12, tflop_digits),
+        "mfu": round(flops_per_step / median / (peak_tflops * 1e12), 3) if cuda else None,
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "torch": torch.__version__,
+    }
