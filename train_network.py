@@ -23,14 +23,15 @@ from library.errors import ConfigError, ModelFileError
 from library.sd import sampling as sd_sampling
 from library.sd.loading import VAE_SCALE_FACTOR, fingerprint, inspect_sd_checkpoint, load_sd_model
 from library.sd.model import SDUNet, require_xformers
-from library.sd.text import CACHE_KEY, SDTextCacheEncoder, SDTextEncoding, load_sd_tokenizer
+from library.sd.text import CACHE_KEY, SDTextCacheEncoder, SDTextEncoding, build_text_encoding
 from library.training import ddpm
 from library.training.losses import LossConfig
 from library.training.sample_prompts import load_sample_prompts
 from library.training.trainer import FamilyModels, NetworkTrainer, NoisyInput  # noqa: F401  (re-exported)
 
 IMPLEMENTATION = "diffusers"   # modelspec.implementation of SD LoRAs (sd-scripts)
-SAMPLE_DEFAULTS = {"width": 512, "height": 512, "steps": 30, "scale": 7.5}
+SAMPLE_DEFAULTS = {"width": sd_sampling.DEFAULT_SIZE, "height": sd_sampling.DEFAULT_SIZE,
+                   "steps": sd_sampling.DEFAULT_STEPS, "scale": sd_sampling.DEFAULT_SCALE}
 # Sample-prompt options that mean something for other families only: refused, never ignored.
 _FOREIGN_PROMPT_OPTIONS = {
     "guidance_scale": "--g (embedded guidance, FLUX.1 only; SD uses --l for classifier-free guidance)",
@@ -157,13 +158,10 @@ class SDNetworkTrainer(NetworkTrainer):
         info = parts.info
         print(f"{path}: {info.label} ({info.layout}), UNet widths {info.unet_config['block_out_channels']}, text "
               f"encoder {parts.text_encoder.config.num_hidden_layers} layers x {parts.text_encoder.config.hidden_size}")
-        tokenizer = load_sd_tokenizer(info.v2, cache_dir=args.tokenizer_cache_dir, local_path=parts.tokenizer_dir)
-        try:
-            text = SDTextEncoding(tokenizer, parts.text_encoder, clip_skip=args.clip_skip,
-                                  max_token_length=args.max_token_length,
-                                  weights_identity=fingerprint(path, "text_encoder"))
-        except ValueError as e:
-            raise ConfigError(f"--clip_skip {args.clip_skip}: {e}") from e
+        text = build_text_encoding(parts.text_encoder, info.v2, tokenizer_cache_dir=args.tokenizer_cache_dir,
+                                   tokenizer_dir=parts.tokenizer_dir, clip_skip=args.clip_skip,
+                                   max_token_length=args.max_token_length,
+                                   weights_identity=fingerprint(path, "text_encoder"))
         unet = SDUNet(parts.unet)
         unet.set_attention("xformers" if args.xformers else "sdpa")
         vae_identity = fingerprint(args.vae, "vae") if args.vae else fingerprint(path, "vae")
@@ -234,7 +232,7 @@ class SDNetworkTrainer(NetworkTrainer):
         models.vae.to(device)
         return sd_sampling.generate_image(
             models.denoiser, models.vae, states(prompt.prompt),
-            states(prompt.negative_prompt or "") if scale > 1.0 else None,
+            states(prompt.negative_prompt or "") if sd_sampling.uses_cfg(scale) else None,
             width=prompt.width or SAMPLE_DEFAULTS["width"], height=prompt.height or SAMPLE_DEFAULTS["height"],
             steps=prompt.sample_steps or SAMPLE_DEFAULTS["steps"], scale=scale, seed=prompt.seed,
             sampler=prompt.sample_sampler or args.sample_sampler, v_prediction=args.v_parameterization, device=device)

@@ -1,8 +1,8 @@
 """End to end through the real command line on tiny SD 1.x (ε-prediction) and SD 2.x
 (v-prediction) checkpoints in the ldm layout (CPU, no downloads): the loss falls, the LoRA has
 sd-scripts' keys and metadata, sample images appear, diffusers' own LoRA loader accepts the
-file and gives the same UNet and text encoder as our merged model, and bad input ends with a
-clear message."""
+file and gives the same UNet and text encoder as our merged model, bad input ends with a clear
+message, and sd_minimal_inference.py generates with and without the trained LoRA."""
 
 from __future__ import annotations
 
@@ -172,3 +172,46 @@ def test_bad_input_is_a_clear_error(setup, tmp_path):
     assert "SD 1.x model" in r.stdout and "remove --v2" in r.stdout
     assert "unknown sampler" in r.stdout and "--weighted_captions" in r.stdout
     assert "Traceback" not in r.stderr
+
+
+def test_minimal_inference_with_and_without_lora(setup, sd1_run, tmp_path):
+    """sd_minimal_inference.py through its command line: the trained LoRA changes the image,
+    merged it gives the unmerged image, and the SD 1.x LoRA is refused for the SD 2.x file.
+    The runs are independent processes, started together (each is mostly imports)."""
+    _, v1, v2 = setup
+    lora_file = sd1_run / "tiny.safetensors"
+
+    def command(paths, out: str, *extra: str) -> list[str]:
+        return [sys.executable, str(ROOT / "sd_minimal_inference.py"), "--ckpt", str(paths.checkpoint),
+                "--tokenizer_cache_dir", str(paths.tokenizer_cache_dir), "--prompt", "a red circle on a blue background",
+                "--negative_prompt", "blurry", "--width", "64", "--height", "64", "--steps", "4", "--cfg_scale", "5",
+                "--seed", "7", "--sampler", "euler_a", "--out", str(tmp_path / out), *extra]
+
+    commands = {
+        "base": command(v1, "base.png"),
+        "lora": command(v1, "lora.png", "--lora", f"{lora_file};1.0"),
+        "merged": command(v1, "merged.png", "--lora_weights", f"{lora_file};1.0", "--merge_lora_weights"),
+        "sd2": command(v2, "sd2.png", "--v2", "--lora", f"{lora_file};1.0"),
+    }
+    procs = {k: subprocess.Popen(c, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for k, c in commands.items()}
+    try:
+        results = {k: (p.communicate(timeout=600), p.returncode) for k, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    for k in ("base", "lora", "merged"):
+        (out, err), rc = results[k]
+        assert rc == 0, f"{k}: {out[-2000:]}{err[-2000:]}"
+    base, lora_img, merged = (np.asarray(Image.open(tmp_path / f"{k}.png").convert("RGB"), dtype=np.int16)
+                              for k in ("base", "lora", "merged"))
+    assert base.shape == (64, 64, 3)
+    assert np.abs(lora_img - base).mean() > 1.0                  # the LoRA changes the image
+    assert np.abs(merged - lora_img).max() <= 2                  # merged = applied, up to rounding
+    assert "LoRA tiny.safetensors x1.0" in results["lora"][0][0] and "merged" in results["merged"][0][0]
+
+    (out, err), rc = results["sd2"]
+    assert rc == 2, out[-2000:] + err[-2000:]
+    assert "trained on SD 1.x" in out and "SD 2.x model" in out
+    assert "Traceback" not in err and not (tmp_path / "sd2.png").exists()

@@ -67,6 +67,11 @@ def make_scheduler(name: str, *, v_prediction: bool):
     return scheduler
 
 
+def uses_cfg(scale: float) -> bool:
+    """Classifier-free guidance (with the negative prompt) runs only for a scale above 1."""
+    return scale > 1.0
+
+
 def round_size(width: int, height: int) -> tuple[int, int]:
     """A multiple of 8 (the VAE stride), at least 64 (sd-scripts' rule)."""
     return max(64, width - width % 8), max(64, height - height % 8)
@@ -117,5 +122,5 @@ def generate_image(unet: nn.Module, vae: nn.Module, cond: Tensor, uncond: Tensor
     return decode_to_image(vae, latents)
 
 
-__all__ = ["SAMPLERS", "check_sampler", "make_scheduler", "round_size", "denoise", "decode_to_image",
+__all__ = ["SAMPLERS", "check_sampler", "make_scheduler", "uses_cfg", "round_size", "denoise", "decode_to_image",
            "generate_image"]

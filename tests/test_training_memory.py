@@ -1,0 +1,88 @@
+"""library/training/memory.py: how the loop applies --blocks_to_swap (numbers and 'auto'),
+--fp8_base and the option checks, on a tiny FLUX on the CPU (the swap bookkeeping is the same
+code as on CUDA; the free GPU memory is faked for 'auto')."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from library.errors import ConfigError
+from library.offload import GiB, swappable_bytes
+from library.training import memory
+from tests.test_offload import flux_inputs, max_grad_diff, tiny_flux_with_lora, train_step
+
+
+def lists(model):
+    return [model.double_blocks, model.single_blocks]
+
+
+def test_auto_picks_the_smallest_swap_that_fits_the_free_memory(monkeypatch):
+    params, model, net = tiny_flux_with_lora()
+    x = flux_inputs(params)
+    expected, expected_grads = train_step(model, net, x)
+    double, single = swappable_bytes(model.double_blocks), swappable_bytes(model.single_blocks)
+    fixed, activations = 1000, 2000
+    # --blocks_to_swap 3 = 1 double + 4 single blocks off the GPU: leaves 4 doubles and 2 singles resident.
+    # Free memory is exactly what that needs (+ the 1 GiB margin), so 2 does not fit and 3 does.
+    free = fixed + activations + GiB + 4 * double + 2 * single
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 10 * free))
+    placement = memory.place_denoiser(model, lists(model), torch.device("cpu"), "auto", model_name="tiny FLUX",
+                                      auto_fixed_bytes=lambda: fixed, auto_activation_bytes=lambda: activations)
+    assert placement.blocks_to_swap == 3
+    assert "--blocks_to_swap auto: 3 of at most" in placement.message
+    out, grads = train_step(model, net, x)
+    assert torch.allclose(out, expected, atol=1e-6) and max_grad_diff(grads, expected_grads) < 1e-6
+    assert placement.swap.stats.fallback_loads == 0
+
+
+def test_auto_without_an_estimate_is_refused(monkeypatch):
+    _, model, _ = tiny_flux_with_lora()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (GiB, GiB))
+    with pytest.raises(ConfigError, match="not available for tiny FLUX yet"):
+        memory.place_denoiser(model, lists(model), torch.device("cpu"), "auto", model_name="tiny FLUX",
+                              auto_activation_bytes=lambda: None)
+
+
+def test_fp8_and_swap_need_block_lists():
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(ConfigError, match="--blocks_to_swap is not supported for an SD UNet"):
+        memory.place_denoiser(model, [], torch.device("cpu"), 2, model_name="an SD UNet")
+    with pytest.raises(ConfigError, match="--fp8_base is not supported for an SD UNet"):
+        memory.quantize_base(model, [], torch.device("cpu"), torch.float32, model_name="an SD UNet",
+                             keep_on_device=True)
+
+
+def test_quantize_base_converts_block_linears_only():
+    from dataclasses import replace
+
+    from library.tiny.flux import build_flux_model, tiny_flux_params
+
+    model = build_flux_model(replace(tiny_flux_params("dev"), depth=2, depth_single_blocks=2)).requires_grad_(False)
+    report = memory.quantize_base(model, lists(model), torch.device("cpu"), torch.float32, model_name="tiny",
+                                  keep_on_device=True)
+    assert report.quantized == 2 * 10 + 2 * 3        # double: 10 Linears each, single: 3
+    assert model.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    assert model.img_in.weight.dtype == torch.float32   # outside the blocks: compute dtype
+
+
+def base_args(**kw):
+    values = dict(blocks_to_swap=None, cpu_offload_checkpointing=False, unsloth_offload_checkpointing=False,
+                  torch_compile=False, fp8_base=False, fp8_base_unet=False, gradient_checkpointing=False,
+                  mixed_precision="bf16", disable_mmap_load_safetensors=False)
+    values.update(kw)
+    return argparse.Namespace(**values)
+
+
+def test_option_checks_and_implied_options():
+    args = base_args(fp8_base_unet=True, unsloth_offload_checkpointing=True)
+    notes = memory.check_memory_args(args)
+    assert args.fp8_base and args.gradient_checkpointing and len(notes) == 2
+    with pytest.raises(ConfigError, match="cannot be used together yet"):
+        memory.check_memory_args(base_args(blocks_to_swap=4, torch_compile=True))
+    with pytest.raises(ConfigError, match="cannot be used with --unsloth_offload_checkpointing"):
+        memory.check_memory_args(base_args(blocks_to_swap=4, unsloth_offload_checkpointing=True))
+    with pytest.raises(ConfigError, match="computes in the mixed-precision dtype"):
+        memory.check_memory_args(base_args(fp8_base=True, mixed_precision="no"))
