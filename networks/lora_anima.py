@@ -1,7 +1,7 @@
 """LoRA for Anima: targets and defaults only (FORMATS 4.5).
 
 Use with `--network_module networks.lora_anima`. The LoRA math, saving, loading and optimizer
-groups live in networks/lora.py; the steps from candidates to a network in networks/lora_build.py.
+groups live in networks/lora_core.py; the steps from candidates to a network in networks/lora_build.py.
 
 Candidates: every Linear inside the DiT's `Block`, `PatchEmbed`, `TimestepEmbedding` and
 `FinalLayer` modules (plus `LLMAdapterTransformerBlock` with `train_llm_adapter=True`), and in
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from library.errors import ConfigError
-from networks.lora import LayerRef, LoRANetwork, to_lora_name
+from networks.lora_core import LayerRef, LoRANetwork, to_lora_name
 from networks.lora_build import (DEFAULT_ALPHA, DEFAULT_RANK, Candidate, RuleLookup, build_network, rank_and_alpha,
                                  read_saved_lora, targets_for_saved, targets_from_candidates, text_encoder_at)
 from networks.network_args import COMMON_LORA_ARGS, ArgSpec, RegexRule, parse_bool, parse_network_args

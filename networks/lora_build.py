@@ -16,7 +16,7 @@ shaped like a LoRA file (its modules, ranks and alphas), for --dim_from_weights 
 a LoRA at generation time; it does not load the weights (call `load_weights` or
 `merge_to(weights_sd)`), and it refuses a file made for another model family.
 
-networks/lora.py stays the one LoRA implementation; this module only composes its parts, and it
+networks/lora_core.py stays the one LoRA implementation; this module only composes its parts, and it
 never looks at a family's layer names.
 """
 
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import torch
 
 from library.errors import ConfigError, ModelFileError
-from networks.lora import (LayerRef, LoRANetwork, LoRAPlusRatios, LoRATarget, SavedModule, find_layers,
+from networks.lora_core import (LayerRef, LoRANetwork, LoRAPlusRatios, LoRATarget, SavedModule, find_layers,
                            hf_clip_path_prefix, load_lora_state_dict, mismatch_message, read_lora_modules,
                            targets_from_weights)
 from networks.network_args import RegexRule, last_match

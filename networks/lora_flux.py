@@ -1,7 +1,7 @@
 """LoRA for FLUX.1 (dev / schnell) and Chroma: targets and defaults only (FORMATS 4.2).
 
 Use with `--network_module networks.lora_flux`. The LoRA math, saving, loading and
-optimizer groups live in networks/lora.py; the steps from candidates to a network in
+optimizer groups live in networks/lora_core.py; the steps from candidates to a network in
 networks/lora_build.py.
 
 Targets: every Linear in the double and single blocks (304 modules on FLUX.1, 228 on Chroma,
@@ -10,7 +10,7 @@ which has no modulation layers), named after the BFL checkpoint keys, e.g.
 modules (`lora_te1_...`) are created when a CLIP-L model is given, T5-XXL ones (`lora_te3_...`)
 with `train_t5xxl=True`; they are only trained and saved when the trainer applies the text
 encoder part. `split_qkv=True` gives q, k, v (and the single blocks' MLP input) LoRAs of their
-own, saved in the fused layout (see networks/lora.py LoRAModule). `ggpo_sigma`/`ggpo_beta`
+own, saved in the fused layout (see networks/lora_core.py LoRAModule). `ggpo_sigma`/`ggpo_beta`
 turn on LoRA-GGPO.
 """
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from library.errors import ConfigError
-from networks.lora import LayerRef, LoRANetwork, find_layers, layer_at
+from networks.lora_core import LayerRef, LoRANetwork, find_layers, layer_at
 from networks.lora_build import (Candidate, build_network, clip_t5_layers, rank_and_alpha, rank_for_type,
                                  read_saved_lora, targets_for_saved, targets_from_candidates)
 from networks.network_args import (COMMON_LORA_ARGS, ArgSpec, parse_block_selection, parse_bool, parse_choice,

@@ -1,7 +1,7 @@
 """LoRA for Lumina Image 2.0: targets and defaults only (FORMATS 4.4).
 
 Use with `--network_module networks.lora_lumina`. The LoRA math, saving, loading and optimizer
-groups live in networks/lora.py; the steps from candidates to a network in networks/lora_build.py.
+groups live in networks/lora_core.py; the steps from candidates to a network in networks/lora_build.py.
 
 Targets: every Linear inside JointTransformerBlock and FinalLayer (180 modules on the 2B
 model), named after the checkpoint keys: `lora_unet_layers_0_attention_qkv`,
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from library.errors import ConfigError
-from networks.lora import LayerRef, LoRANetwork, find_layers, layer_at
+from networks.lora_core import LayerRef, LoRANetwork, find_layers, layer_at
 from networks.lora_build import (Candidate, build_network, rank_and_alpha, rank_for_type, read_saved_lora,
                                  targets_for_saved, targets_from_candidates, text_encoder_at)
 from networks.network_args import (COMMON_LORA_ARGS, ArgSpec, parse_bool, parse_choice, parse_network_args,

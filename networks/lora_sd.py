@@ -1,8 +1,8 @@
 """LoRA for Stable Diffusion 1.x / 2.x: targets and defaults only (FORMATS 4.6).
 
 Used through `--network_module networks.lora` (sd-scripts' module name for SD; networks/lora.py
-delegates `create_network` / `create_network_from_weights` here). The LoRA math, saving, loading,
-merging and optimizer groups live in networks/lora.py.
+re-exports `create_network` / `create_network_from_weights` from here). The LoRA math, saving,
+loading, merging and optimizer groups live in networks/lora_core.py.
 
 Targets, named after diffusers' module paths as sd-scripts names them:
 - LoRA-LierLa (default): every Linear and 1x1 Conv2d inside the UNet's Transformer2DModel blocks
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from library.errors import ConfigError, ModelFileError
-from networks.lora import (LayerRef, LoRANetwork, LoRAPlusRatios, LoRATarget, apply_reg_lrs, find_layers,
+from networks.lora_core import (LayerRef, LoRANetwork, LoRAPlusRatios, LoRATarget, apply_reg_lrs, find_layers,
                            hf_clip_path_prefix, load_lora_state_dict, mismatch_message, read_lora_modules,
                            targets_from_weights)
 from networks.network_args import (COMMON_LORA_ARGS, ArgSpec, last_match, parse_network_args,

@@ -1,7 +1,7 @@
 """LoRA for SD3 / SD3.5 (Medium, 3.5 Medium, 3.5 Large): targets and defaults only (FORMATS 4.3).
 
 Use with `--network_module networks.lora_sd3`. The LoRA math, saving, loading, merging and
-optimizer groups live in networks/lora.py; the steps from candidates to a network in
+optimizer groups live in networks/lora_core.py; the steps from candidates to a network in
 networks/lora_build.py.
 
 Targets: every Linear inside the joint blocks' `SingleDiTBlock`s, named after the SAI
@@ -14,7 +14,7 @@ Text encoders come as [CLIP-L, CLIP-G, T5-XXL]: CLIP-L (`lora_te1_`) and CLIP-G 
 modules are created when those models are given, T5 (`lora_te3_`) ones with
 `train_t5xxl=True`; they are only trained and saved when the trainer applies the text encoder
 part. `split_qkv=True` gives q, k and v of every qkv projection LoRAs of their own, saved in
-the fused layout at the trained strength (see networks/lora.py LoRAModule).
+the fused layout at the trained strength (see networks/lora_core.py LoRAModule).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from library.errors import ConfigError
-from networks.lora import LayerRef, LoRANetwork, find_layers, layer_at
+from networks.lora_core import LayerRef, LoRANetwork, find_layers, layer_at
 from networks.lora_build import (Candidate, build_network, clip_t5_layers, rank_and_alpha, rank_for_type,
                                  read_saved_lora, targets_for_saved, targets_from_candidates)
 from networks.network_args import (COMMON_LORA_ARGS, ArgSpec, parse_block_selection, parse_bool, parse_network_args,

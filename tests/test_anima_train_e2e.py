@@ -234,7 +234,7 @@ def to_comfy(sd: dict, dit: torch.nn.Module) -> dict:
     """sd-scripts' Anima file -> the ComfyUI layout diffusers reads (FORMATS 4.5:
     `diffusion_model.<dotted>.lora_A/lora_B.weight`), alpha/rank folded into lora_B; Qwen3 modules dropped
     (diffusers' Anima pipeline has no Qwen3 LoRA)."""
-    from networks.lora import to_lora_name
+    from networks.lora_core import to_lora_name
 
     dotted = {to_lora_name("lora_unet", n): n for n, m in dit.named_modules() if isinstance(m, torch.nn.Linear)}
     out = {}

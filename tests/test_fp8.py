@@ -18,7 +18,7 @@ from library.fp8 import (
     quantize_linears_,
     quantize_weight,
 )
-from networks.lora import LoRAModule
+from networks.lora_core import LoRAModule
 from tests.test_offload import flux_inputs, max_grad_diff, poisoned_block_swap, tiny_flux_with_lora, train_step
 
 

@@ -1,4 +1,4 @@
-"""The family-agnostic LoRA core (networks/lora.py) and network_args parsing."""
+"""The family-agnostic LoRA core (networks/lora_core.py) and network_args parsing."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from library.errors import ConfigError, ModelFileError
 from library.safetensors_io import SaveError, read_metadata
-from networks.lora import (LayerRef, LoRANetwork, LoRAPlusRatios, apply_reg_lrs, find_layers,
+from networks.lora_core import (LayerRef, LoRANetwork, LoRAPlusRatios, apply_reg_lrs, find_layers,
                            identify_lora_layout, read_lora_modules, targets_from_weights)
 from networks.network_args import (ArgSpec, COMMON_LORA_ARGS, last_match, parse_block_selection, parse_bool,
                                    parse_network_args, parse_probability, parse_rank, parse_regex_lrs,
