@@ -71,9 +71,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--torch_compile", action="store_true",
                    help="torch.compile each transformer block (first steps are slower while compiling)")
     g.add_argument("--dynamo_backend", type=str, default="inductor", help="torch.compile backend")
-    g.add_argument("--ddp_timeout", type=int, default=None)
-    g.add_argument("--ddp_gradient_as_bucket_view", action="store_true")
-    g.add_argument("--ddp_static_graph", action="store_true")
+    g.add_argument("--ddp_timeout", type=int, default=None, help="minutes before a stuck multi-GPU collective fails")
+    g.add_argument("--ddp_gradient_as_bucket_view", action="store_true",
+                   help="accepted for sd-scripts command lines; no effect here (LoRA gradients are averaged "
+                        "directly, without a DDP wrapper)")
+    g.add_argument("--ddp_static_graph", action="store_true",
+                   help="accepted for sd-scripts command lines; no effect here (no DDP wrapper)")
     g.add_argument("--masked_loss", action="store_true",
                    help="weight the loss per pixel by the images' masks (alpha channel with alpha_mask)")
 
@@ -160,6 +163,10 @@ def check_common_args(args: argparse.Namespace) -> None:
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         problems.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other: "
                         "give one (or neither, to train both)")
+    if args.base_weights_multiplier and not args.base_weights:
+        problems.append("--base_weights_multiplier needs --base_weights")
+    if args.ddp_timeout is not None and args.ddp_timeout < 1:
+        problems.append("--ddp_timeout is in minutes and must be at least 1")
     if args.dim_from_weights and not args.network_weights:
         problems.append("--dim_from_weights needs --network_weights")
     if args.skip_until_initial_step and args.initial_step is None and args.initial_epoch is None:

@@ -45,6 +45,7 @@ from library.training.file_hashes import BackgroundFileHash
 from library.training.losses import add_loss_arguments, LossConfig, compute_per_sample_loss, resize_mask_to_latent
 from library.training.lr_schedulers import add_lr_scheduler_arguments, build_lr_scheduler
 from library.training import memory
+from library.training import trackers
 from library.training import metadata as meta_lib
 from library.training.optimizers import add_optimizer_arguments, build_optimizer
 from library.training.sample_gallery import SampleRow, write_gallery
@@ -219,6 +220,9 @@ class NetworkTrainer:
         self.validate_family_args(args)
         for note in memory.check_memory_args(args):
             print(f"note: {note}")
+        if args.ddp_gradient_as_bucket_view or args.ddp_static_graph:
+            print("note: --ddp_gradient_as_bucket_view / --ddp_static_graph have no effect here: the LoRA's "
+                  "gradients are averaged across GPUs directly, without a DDP wrapper")
         self._loss_config = self.loss_config(args)
 
     # ---- the run ------------------------------------------------------------------------------
@@ -270,11 +274,17 @@ class NetworkTrainer:
         if state and state.get("_mixed_precision") not in (None, args.mixed_precision):
             AcceleratorState._reset_state(reset_partial_state=False)
 
-        log_with = args.log_with
-        if args.logging_dir and log_with is None:
-            log_with = "tensorboard"
-        project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir)
-        return Accelerator(mixed_precision=args.mixed_precision, log_with=log_with, project_config=project)
+        logging_dir, log_with = trackers.logging_setup(args)
+        project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
+        handlers = []
+        if getattr(args, "ddp_timeout", None):
+            from datetime import timedelta
+
+            from accelerate.utils import InitProcessGroupKwargs
+
+            handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout)))
+        return Accelerator(mixed_precision=args.mixed_precision, log_with=log_with, project_config=project,
+                           kwargs_handlers=handlers)
 
     def cache(self, args, models: FamilyModels, group, device) -> None:
         """Encode latents and captions once (to memory or disk) when asked."""
@@ -376,10 +386,7 @@ class NetworkTrainer:
         self.place_denoiser(state, group)
         if accelerator.is_main_process:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            tracker_config = {k: v for k, v in vars(args).items() if k != "wandb_api_key"} if args.log_config else {}
-            if accelerator.log_with:
-                accelerator.init_trackers(args.log_tracker_name or "network_train",
-                                          config={k: str(v) for k, v in tracker_config.items()})
+            trackers.init_trackers(accelerator, args)
         return state
 
     def after_caching(self, args, models: FamilyModels, device, keep: frozenset = frozenset()) -> None:
