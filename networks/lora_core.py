@@ -666,8 +666,14 @@ class LoRANetwork(nn.Module):
     def export_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """CPU copies of every tensor (alpha included), cast to `dtype` when given, as
         sd-scripts does for --save_precision."""
+        state = self.state_dict()
+        for m in self.loras:
+            if m.split_dims is not None:
+                # exactly what the forward computes: a block-diagonal up, so every reader of the fused
+                # layout (diffusers, ComfyUI) gets the split LoRA and nothing else
+                state[f"{m.lora_name}.lora_up.weight"] = m._up_weight()
         out = {}
-        for key, value in self.state_dict().items():
+        for key, value in state.items():
             value = value.detach().to("cpu", copy=True)
             out[key] = (value if dtype is None else value.to(dtype)).contiguous()
         return out
