@@ -7,7 +7,8 @@ r"""Generate an image with Stable Diffusion 1.x / 2.x, optionally with LoRA file
 
 The model loads exactly as train_network.py loads it (library/sd/loading.py: an ldm .safetensors
 file, a .ckpt read with torch.load(weights_only=True), or a diffusers folder; --v2 is checked
-against the file), prompts are encoded with the same --clip_skip / --max_token_length rules, and
+against the file), prompts are encoded with the same --clip_skip / --max_token_length rules (and the
+sample prompts' A1111 weighting, library/sd/prompt_weighting.py), and
 the image comes from the trainer's sample-image sampler (library/sd/sampling.py: the same
 schedulers, CFG rule and seeded CPU noise as the sample images). LoRA files are sd-scripts'
 `networks.lora` files (U-Net and text-encoder modules, LierLa or C3Lier); a LoRA made for the
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
     g = p.add_argument_group("prompt and sampling")
-    g.add_argument("--prompt", default="A photo of a cat")
+    g.add_argument("--prompt", default="A photo of a cat",
+                   help="A1111 weighting works here and in --negative_prompt: (word) x1.1, [word] /1.1, (word:1.5)")
     g.add_argument("--negative_prompt", default="", help="used when --cfg_scale is above 1")
     g.add_argument("--width", type=int, default=sd_sampling.DEFAULT_SIZE, help="a multiple of 8, at least 64")
     g.add_argument("--height", type=int, default=sd_sampling.DEFAULT_SIZE, help="a multiple of 8, at least 64")
@@ -246,7 +248,8 @@ def generate(args: argparse.Namespace) -> Path:
                                max_token_length=args.max_token_length)
     use_cfg = sd_sampling.uses_cfg(args.cfg_scale)
     # after the LoRA: a text-encoder LoRA changes the encoding
-    states = text.encode([args.prompt] + ([args.negative_prompt] if use_cfg else [])).to(device, dtype)
+    # A1111 prompt weighting ((word), [word], (word:1.5)), as for sample images
+    states = text.encode_weighted([args.prompt] + ([args.negative_prompt] if use_cfg else [])).to(device, dtype)
     print(f"{args.width}x{args.height}, {args.steps} steps of {args.sampler}, CFG {args.cfg_scale}, seed {args.seed}")
     image = sd_sampling.generate_image(unet, parts.vae, states[:1], states[1:] if use_cfg else None,
                                        width=args.width, height=args.height, steps=args.steps, scale=args.cfg_scale,

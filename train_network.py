@@ -76,7 +76,10 @@ class SDNetworkTrainer(NetworkTrainer):
                        help="use the text encoder's k-th layer from the end (then its final layer norm); 2 for "
                             "models trained that way (NovelAI-style anime models). Default: the last layer")
         g.add_argument("--weighted_captions", action="store_true",
-                       help="not supported yet (refused): (word:1.2) caption weighting")
+                       help="read A1111 weighting syntax in captions ((word), [word], (word:1.2), \\( escapes): the "
+                            "words' text-encoder states are scaled, then rescaled to the unweighted mean (as "
+                            "sample prompts always are). Keep commas out of brackets when shuffling or dropping "
+                            "tags, or the brackets get split")
         ddpm.add_ddpm_arguments(parser)
 
     # SD maps these onto its UNet's attention (xformers when installed, SDPA for --mem_eff_attn).
@@ -106,8 +109,6 @@ class SDNetworkTrainer(NetworkTrainer):
             problems.append(f"--vae {args.vae}: file not found")
         if args.clip_skip is not None and args.clip_skip < 1:
             problems.append(f"--clip_skip must be at least 1 (got {args.clip_skip}); 1 is the last layer")
-        if args.weighted_captions:
-            problems.append("--weighted_captions is not supported yet: remove it (captions are encoded as written)")
         try:
             sd_sampling.check_sampler(args.sample_sampler)
         except ConfigError as e:
@@ -161,7 +162,8 @@ class SDNetworkTrainer(NetworkTrainer):
         text = build_text_encoding(parts.text_encoder, info.v2, tokenizer_cache_dir=args.tokenizer_cache_dir,
                                    tokenizer_dir=parts.tokenizer_dir, clip_skip=args.clip_skip,
                                    max_token_length=args.max_token_length,
-                                   weights_identity=fingerprint(path, "text_encoder"))
+                                   weights_identity=fingerprint(path, "text_encoder"),
+                                   weighted_captions=args.weighted_captions)
         unet = SDUNet(parts.unet)
         unet.set_attention("xformers" if args.xformers else "sdpa")
         vae_identity = fingerprint(args.vae, "vae") if args.vae else fingerprint(path, "vae")
@@ -188,6 +190,24 @@ class SDNetworkTrainer(NetworkTrainer):
         with torch.set_grad_enabled(0 in trained and torch.is_grad_enabled()):
             states = text.encode(captions)
         return {CACHE_KEY: states.to(device)}
+
+    def encode_prompts_for_sampling(self, args, models, prompts, device) -> dict:
+        """Sample prompts are read with A1111 weighting ((word), [word], (word:1.5)), as in
+        sd-scripts; a prompt without that syntax is encoded exactly as a caption."""
+        self.text_encoding(args, models, device)   # puts the text encoder on the device
+        text: SDTextEncoding = models.extra["text"]
+        texts = sorted({p.prompt for p in prompts} | {p.negative_prompt or "" for p in prompts})
+        with torch.no_grad():
+            states = text.encode_weighted(texts).float().cpu()
+        return {t: {CACHE_KEY: states[i]} for i, t in enumerate(texts)}
+
+    def refresh_sample_conds(self, state) -> None:
+        """Text-encoder LoRA: re-encode the sample prompts (weighted) with the encoder as trained."""
+        text: SDTextEncoding = state.models.extra["text"]
+        texts = list(state.sample_conds)
+        with torch.no_grad(), state.accelerator.autocast():
+            states = text.encode_weighted(texts).to(state.device)
+        state.sample_conds = {t: {CACHE_KEY: states[i]} for i, t in enumerate(texts)}
 
     # ---- timesteps, forward, loss -------------------------------------------------------------
     def noisy_input(self, args, latents, noise) -> NoisyInput:

@@ -48,8 +48,9 @@ def setup(tmp_path_factory):
     (base / "dataset.toml").write_text(common)
     (base / "dataset_reg.toml").write_text(common + f'[[datasets.subsets]]\nimage_dir = "{reg.as_posix()}"\n'
                                                     'is_reg = true\nclass_tokens = "a shape"\n')
-    (base / "prompts.txt").write_text("a red circle on a blue background --n blurry --w 128 --h 128 --d 1 --s 3 "
-                                      "--l 5.0\n")
+    # A1111 weighting in the sample prompt (library/sd/prompt_weighting.py)
+    (base / "prompts.txt").write_text("a (red) circle on a [blue:1.2] background --n (blurry:1.3) --w 128 --h 128 "
+                                      "--d 1 --s 3 --l 5.0\n")
     return base, v1, v2
 
 
@@ -88,7 +89,7 @@ def sd2_run(setup):
     base, _, v2 = setup
     out = base / "run_sd2"
     r = train(setup, out, v2, "--v2", "--v_parameterization", "--max_train_steps", "30", "--network_train_unet_only",
-              "--cache_text_encoder_outputs", "--gradient_checkpointing", "--clip_skip", "2",
+              "--cache_text_encoder_outputs", "--weighted_captions", "--gradient_checkpointing", "--clip_skip", "2",
               "--max_token_length", "150", "--noise_offset", "0.05", "--prior_loss_weight", "0.5",
               dataset="dataset_reg.toml")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -166,11 +167,10 @@ def test_diffusers_loads_the_lora_like_our_merge(setup, sd1_run, sd2_run, which)
 
 def test_bad_input_is_a_clear_error(setup, tmp_path):
     _, v1, _ = setup
-    r = train(setup, tmp_path / "bad", v1, "--v2", "--max_train_steps", "1", "--sample_sampler", "fancy",
-              "--weighted_captions")
+    r = train(setup, tmp_path / "bad", v1, "--v2", "--max_train_steps", "1", "--sample_sampler", "fancy")
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "SD 1.x model" in r.stdout and "remove --v2" in r.stdout
-    assert "unknown sampler" in r.stdout and "--weighted_captions" in r.stdout
+    assert "unknown sampler" in r.stdout
     assert "Traceback" not in r.stderr
 
 

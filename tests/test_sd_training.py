@@ -45,7 +45,6 @@ def model_file(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (("--clip_skip", "0"), "--clip_skip must be at least 1"),
     (("--sample_sampler", "fancy"), "unknown sampler"),
-    (("--weighted_captions",), "--weighted_captions is not supported yet"),
     (("--text_encoder_lr", "1e-4", "2e-4"), "takes one value"),
     (("--cache_text_encoder_outputs",), "add --network_train_unet_only"),
     (("--network_train_unet_only", "--text_encoder_lr", "1e-4"), "has no effect"),

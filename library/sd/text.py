@@ -14,6 +14,13 @@
 - --clip_skip k: hidden_states[-k] followed by the final layer norm (1 is the last layer). SD 2.x's
   encoder is built without OpenCLIP's last layer, so no clip_skip already reads its penultimate
   layer, as SD 2.x was trained.
+- Prompt weighting (library/sd/prompt_weighting.py, A1111 syntax): `encode_weighted` multiplies
+  each token's states by its weight, then rescales each caption's states so that their mean (over
+  all positions and channels, as diffusers' long-prompt-weighting pipeline does) equals the
+  unweighted mean. The states keep the layout above (75·n + 2). A caption whose weights are all 1
+  gives exactly the unweighted states. Sample prompts and sd_minimal_inference.py always use it;
+  training captions with --weighted_captions (`weighted_captions=True`: `encode` then weights, and
+  the cache identity says so).
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ class SDTextEncoding:
     the key that keeps a text cache valid."""
 
     def __init__(self, tokenizer, text_encoder: nn.Module, *, clip_skip: int | None = None,
-                 max_token_length: int | None = None, weights_identity: str = ""):
+                 max_token_length: int | None = None, weights_identity: str = "", weighted_captions: bool = False):
         layers = text_encoder.config.num_hidden_layers
         if clip_skip is not None and not 1 <= clip_skip <= layers:
             raise ValueError(f"clip_skip must be between 1 and the encoder's {layers} layers, got {clip_skip}")
@@ -78,12 +85,14 @@ class SDTextEncoding:
         self.max_token_length = max_token_length
         self.chunks = chunk_count(max_token_length)
         self.weights_identity = weights_identity
+        self.weighted_captions = weighted_captions
 
     @property
     def identity(self) -> str:
         tok = self.tokenizer
         return (f"sd-text-v1|{self.weights_identity}|vocab={len(tok)}|pad={tok.pad_token_id}|eos={tok.eos_token_id}"
-                f"|clip_skip={self.clip_skip}|max_token_length={self.max_token_length}")
+                f"|clip_skip={self.clip_skip}|max_token_length={self.max_token_length}"
+                + ("|weighted_captions=a1111-mean-rescale" if self.weighted_captions else ""))
 
     @property
     def width(self) -> int:
@@ -99,6 +108,12 @@ class SDTextEncoding:
         total = self.sequence_length
         ids = tok(list(captions), padding="max_length", truncation=True, max_length=total,
                   return_tensors="pt").input_ids
+        return self._chunked(ids)
+
+    def _chunked(self, ids: Tensor) -> Tensor:
+        """(B, 75·chunks + 2) padded ids -> (B, chunks, 77)."""
+        tok = self.tokenizer
+        total = self.sequence_length
         if self.chunks == 1:
             return ids[:, None]
         eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -132,7 +147,24 @@ class SDTextEncoding:
         parts.append(states[:, -1:])
         return torch.cat(parts, dim=1)
 
+    def tokenize_weighted(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """Prompts with A1111 weighting syntax -> (B, chunks, 77) ids and (B, 75·chunks + 2)
+        weights, one per position of the encoded states (start, tokens, end/padding)."""
+        from library.sd.prompt_weighting import weighted_row
+
+        rows = [weighted_row(self.tokenizer, caption, self.sequence_length) for caption in captions]
+        ids = torch.tensor([r for r, _ in rows], dtype=torch.long)
+        weights = torch.tensor([w for _, w in rows], dtype=torch.float32)
+        return self._chunked(ids), weights
+
+    def encode_weighted(self, captions: list[str]) -> Tensor:
+        """States with the prompts' weights applied (see the module docstring)."""
+        ids, weights = self.tokenize_weighted(captions)
+        return apply_token_weights(self.encode_ids(ids), weights)
+
     def encode(self, captions: list[str]) -> Tensor:
+        if self.weighted_captions:
+            return self.encode_weighted(captions)
         return self.encode_ids(self.tokenize(captions))
 
     @torch.no_grad()
@@ -141,9 +173,25 @@ class SDTextEncoding:
         return [{CACHE_KEY: states[i]} for i in range(len(captions))]
 
 
+def apply_token_weights(states: Tensor, weights: Tensor) -> Tensor:
+    """(B, L, D) states x (B, L) weights, then each row rescaled so its mean over L and D is the
+    unweighted mean (computed in float32). Rows whose weights are all 1 come back unchanged."""
+    weights = weights.to(states.device)
+    plain = states.float()
+    weighted = plain * weights[..., None]
+    before = plain.mean(dim=(1, 2))
+    after = weighted.mean(dim=(1, 2))
+    ratio = torch.where(after != 0, before / torch.where(after != 0, after, torch.ones_like(after)),
+                        torch.ones_like(after))
+    out = (weighted * ratio[:, None, None]).to(states.dtype)
+    unweighted = (weights == 1).all(dim=1)
+    return torch.where(unweighted[:, None, None], states, out)
+
+
 def build_text_encoding(text_encoder: nn.Module, v2: bool, *, tokenizer_cache_dir: str | os.PathLike | None = None,
                         tokenizer_dir: str | os.PathLike | None = None, clip_skip: int | None = None,
-                        max_token_length: int | None = None, weights_identity: str = "") -> SDTextEncoding:
+                        max_token_length: int | None = None, weights_identity: str = "",
+                        weighted_captions: bool = False) -> SDTextEncoding:
     """The tokenizer (load_sd_tokenizer) and SDTextEncoding of a loaded model, with --clip_skip /
     --max_token_length errors as ConfigError (used by train_network.py and sd_minimal_inference.py)."""
     from library.errors import ConfigError
@@ -155,7 +203,7 @@ def build_text_encoding(text_encoder: nn.Module, v2: bool, *, tokenizer_cache_di
         raise ConfigError(f"--max_token_length {max_token_length}: {e}") from e
     try:
         return SDTextEncoding(tokenizer, text_encoder, clip_skip=clip_skip, max_token_length=max_token_length,
-                              weights_identity=weights_identity)
+                              weights_identity=weights_identity, weighted_captions=weighted_captions)
     except ValueError as e:
         raise ConfigError(f"--clip_skip {clip_skip}: {e}") from e
 
