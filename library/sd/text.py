@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from library.text_cache import TextCacheAdapter
+
 MODEL_MAX_LENGTH = 77
 CHUNK = MODEL_MAX_LENGTH - 2      # 75 caption tokens per chunk
 V1_TOKENIZER_ID = "openai/clip-vit-large-patch14"
@@ -208,18 +210,8 @@ def build_text_encoding(text_encoder: nn.Module, v2: bool, *, tokenizer_cache_di
         raise ConfigError(f"--clip_skip {clip_skip}: {e}") from e
 
 
-class SDTextCacheEncoder:
-    """Adapter to the data pipeline's TextCacheEncoder protocol (identity + encode -> dicts)."""
-
-    def __init__(self, encoding: SDTextEncoding):
-        self.encoding = encoding
-
-    @property
-    def identity(self) -> str:
-        return self.encoding.identity
-
-    def encode(self, captions: list[str]) -> list[dict[str, Tensor]]:
-        return self.encoding.encode_for_cache(captions)
+class SDTextCacheEncoder(TextCacheAdapter):
+    """SDTextEncoding as the data pipeline's TextCacheEncoder (identity + encode -> dicts)."""
 
 
 def tokenizer_folder(path: str | os.PathLike | None) -> Path | None:

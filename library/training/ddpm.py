@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from library.errors import ConfigError
-from library.training.flow_matching import pyramid_noise
+from library.training.flow_matching import noise_option_problems, pyramid_noise
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012
@@ -121,19 +121,7 @@ def config_problems(v: dict[str, Any]) -> list[str]:
     hi = NUM_TRAIN_TIMESTEPS if high is None else high
     if not 0 <= lo < hi <= NUM_TRAIN_TIMESTEPS:
         problems.append(f"--min_timestep {lo} / --max_timestep {hi}: need 0 <= min_timestep < max_timestep <= 1000")
-    for name in ("noise_offset", "ip_noise_gamma"):
-        value = v[name]
-        if value is not None and value < 0:
-            problems.append(f"--{name} must be >= 0 (got {value})")
-        if v[f"{name}_random_strength"] and not value:
-            problems.append(f"--{name}_random_strength needs --{name}")
-    if v["adaptive_noise_scale"] is not None and not v["noise_offset"]:
-        problems.append("--adaptive_noise_scale needs --noise_offset")
-    iterations = v["multires_noise_iterations"]
-    if iterations is not None and iterations < 1:
-        problems.append(f"--multires_noise_iterations must be >= 1 (got {iterations}); leave it out to disable")
-    if not 0 < v["multires_noise_discount"] <= 1:
-        problems.append(f"--multires_noise_discount must be in (0, 1] (got {v['multires_noise_discount']})")
+    problems += noise_option_problems(v)
     if v["min_snr_gamma"] is not None and v["min_snr_gamma"] <= 0:
         problems.append(f"--min_snr_gamma must be > 0 (got {v['min_snr_gamma']}); 5 is usual")
     if v["v_pred_like_loss"] is not None and v["v_pred_like_loss"] < 0:

@@ -317,6 +317,13 @@ def _config_problems(v: dict[str, Any]) -> list[str]:
         problems.append(f"--sigmoid_scale must be > 0 (got {v['sigmoid_scale']}).")
     if not v["logit_std"] > 0:
         problems.append(f"--logit_std must be > 0 (got {v['logit_std']}).")
+    return problems + noise_option_problems(v)
+
+
+def noise_option_problems(v: dict[str, Any]) -> list[str]:
+    """The checks of the noise options that flow matching and DDPM share (--noise_offset,
+    --ip_noise_gamma, their random strengths, --adaptive_noise_scale, multires noise)."""
+    problems = []
     for name in ("ip_noise_gamma", "noise_offset"):
         value = v[name]
         if value is not None and value < 0:
