@@ -191,6 +191,8 @@ def training_metadata(
     result = {key: str(value) for key, value in metadata.items()}
     result.update({key: str(value) for key, value in (family_metadata or {}).items()})
     result.update({key: _json_or_str(value) for key, value in dataset_metadata.items()})
+    # the loop's own count: per process with several GPUs (as sd-scripts' len(train_dataloader))
+    result["ss_num_batches_per_epoch"] = str(num_batches_per_epoch)
     if network_args:
         result["ss_network_args"] = json.dumps(network_args)
 

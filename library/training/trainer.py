@@ -339,9 +339,13 @@ class NetworkTrainer:
         opt = build_optimizer(args.optimizer_type, args.optimizer_args or [], params, args.learning_rate,
                               use_8bit_adam=args.use_8bit_adam, use_lion_optimizer=args.use_lion_optimizer)
 
+        # Each process (one per GPU) gets its own share of every epoch; the step counter the captions
+        # see (token warm-up) is the optimizer step.
         loader = group.loader(seed=args.seed, num_workers=args.max_data_loader_n_workers,
                               persistent_workers=args.persistent_data_loader_workers,
-                              pin_memory=device.type == "cuda")
+                              pin_memory=device.type == "cuda", num_processes=accelerator.num_processes,
+                              process_index=accelerator.process_index,
+                              gradient_accumulation_steps=args.gradient_accumulation_steps)
         steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
         if args.max_train_epochs:
             max_steps = steps_per_epoch * args.max_train_epochs
@@ -575,17 +579,19 @@ class NetworkTrainer:
         if not ready:
             return
         lr = state.lr_scheduler.get_last_lr()[0]
-        with open(state.metrics_file, "a") as f:
-            for step, value in ready:
-                if is_bad_loss(value):
-                    raise TrainingDiverged(
-                        f"the loss became {value} at step {step}. Nothing was saved from this point; the last "
-                        "saved LoRA is intact. Try a lower --learning_rate, --max_grad_norm 1.0, or "
-                        "--mixed_precision bf16 instead of fp16.")
-                recent.append(value)
-                f.write(json.dumps({"step": step, "epoch": state.epoch + 1, "loss": value, "lr": lr}) + "\n")
-                if state.accelerator.log_with:
-                    state.accelerator.log({"loss/current": value, "lr/unet": lr}, step=step)
+        for step, value in ready:
+            if is_bad_loss(value):
+                raise TrainingDiverged(
+                    f"the loss became {value} at step {step}. Nothing was saved from this point; the last "
+                    "saved LoRA is intact. Try a lower --learning_rate, --max_grad_norm 1.0, or "
+                    "--mixed_precision bf16 instead of fp16.")
+            recent.append(value)
+        if state.accelerator.is_main_process:   # one log for the run (the main process's losses, as sd-scripts)
+            with open(state.metrics_file, "a") as f:
+                for step, value in ready:
+                    f.write(json.dumps({"step": step, "epoch": state.epoch + 1, "loss": value, "lr": lr}) + "\n")
+                    if state.accelerator.log_with:
+                        state.accelerator.log({"loss/current": value, "lr/unet": lr}, step=step)
         del recent[:-100]
         state.postfix.update(loss=f"{ready[-1][1]:.4f}", avr_loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr:.2e}")
         progress.set_postfix(state.postfix)
@@ -627,7 +633,8 @@ class NetworkTrainer:
             self.save_state(state, stem, len(state.loader))
         if state.accelerator.log_with:
             state.accelerator.end_training()
-        print(f"saved the LoRA: {path}")
+        if state.accelerator.is_main_process:
+            print(f"saved the LoRA: {path}")
         return path
 
     # ---- saving / resuming --------------------------------------------------------------------
