@@ -245,9 +245,10 @@ class NetworkTrainer:
         if train_group.has_mask_images and not args.masked_loss:
             raise ConfigError("a subset has conditioning_data_dir (mask images), which only the masked loss uses: "
                               "add --masked_loss, or remove conditioning_data_dir")
-        print(train_group.report())
-        if val_group is not None:
-            print("validation set:\n" + val_group.report())
+        if accelerator.is_main_process:   # one report, not one per GPU
+            print(train_group.report())
+            if val_group is not None:
+                print("validation set:\n" + val_group.report())
         if args.dataset_report:
             return None
 
