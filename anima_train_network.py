@@ -169,9 +169,6 @@ class AnimaNetworkTrainer(FlowMatchingTrainer):
         sd.add_argument("--v2", action="store_true", help="SD 2.x only: refused")
         sd.add_argument("--v_parameterization", action="store_true", help="SD 2.x only: refused")
         sd.add_argument("--clip_skip", type=int, default=None, help="SD only: refused")
-        if "--fused_backward_pass" not in parser._option_string_actions:   # the guide lists it (section 8)
-            sd.add_argument("--fused_backward_pass", action="store_true",
-                            help="full fine-tuning only (fuses Adafactor's step into the backward pass): refused")
         add_flow_matching_arguments(
             parser, default_timestep_sampling="sigmoid", default_discrete_flow_shift=1.0,
             default_model_prediction_type=None,
@@ -196,10 +193,6 @@ class AnimaNetworkTrainer(FlowMatchingTrainer):
         for flag in ("v2", "v_parameterization"):
             if getattr(args, flag):
                 problems.append(f"--{flag} is for Stable Diffusion 2.x, not Anima: remove it")
-        if getattr(args, "fused_backward_pass", False):
-            problems.append("--fused_backward_pass is not available for LoRA training (it saves the optimizer memory "
-                            "of a full fine-tune; a LoRA's is small): remove it, and use --optimizer_type adafactor "
-                            "alone if you want Adafactor")
         if args.clip_skip is not None:
             problems.append("--clip_skip is for Stable Diffusion's CLIP, not Anima's Qwen3: remove it")
         for c in COMPONENT_LRS:

@@ -97,6 +97,8 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
                    help="after each step, scale each module down so its update's norm is at most this")
     g.add_argument("--base_weights", type=str, nargs="*", default=None, help="LoRA files merged into the base first")
     g.add_argument("--base_weights_multiplier", type=float, nargs="*", default=None)
+    g.add_argument("--fused_backward_pass", action="store_true",
+                   help="full fine-tuning only (fuses the optimizer step into backward): refused for LoRA")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,6 +136,9 @@ _NOT_YET = [
     ("xformers", "--xformers is not supported for this model: attention uses PyTorch SDPA. Remove it."),
     ("mem_eff_attn", "--mem_eff_attn is for SD 1.x/2.x only. Remove it."),
     ("full_fp16", "--full_fp16 is not supported yet; use --mixed_precision bf16 (or --full_bf16)."),
+    ("fused_backward_pass", "--fused_backward_pass is not available for LoRA training (it saves the optimizer "
+                            "memory of a full fine-tune; a LoRA's is small): remove it, and use --optimizer_type "
+                            "adafactor alone if you want Adafactor."),
 ]
 
 
