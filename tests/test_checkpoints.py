@@ -33,7 +33,7 @@ def test_nan_loss_stops_with_the_step(tmp_path):
         metrics_file = tmp_path / "log.jsonl"
         epoch = 0
         lr_scheduler = type("S", (), {"get_last_lr": lambda self: [1e-4]})()
-        accelerator = type("A", (), {"log_with": None})()
+        accelerator = type("A", (), {"log_with": None, "is_main_process": True})()
         postfix: dict = {}
 
     class Bar:
@@ -43,6 +43,7 @@ def test_nan_loss_stops_with_the_step(tmp_path):
     NetworkTrainer().report_losses(State(), [(1, 0.5)], [], Bar())
     with pytest.raises(TrainingDiverged, match="at step 2"):
         NetworkTrainer().report_losses(State(), [(2, float("nan"))], [], Bar())
+    assert len(State.metrics_file.read_text().splitlines()) == 1   # the NaN step is never logged as a loss
 
 
 def test_loading_without_mmap_reads_the_same_tensors(tmp_path):
