@@ -13,6 +13,8 @@ threads make tiny matmuls several times slower there.
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import os
 import subprocess
@@ -56,6 +58,11 @@ def model_args(paths) -> list[str]:
             "--tokenizer_cache_dir", str(paths.tokenizer_cache_dir)]
 
 
+# The guide uses AdamW8bit (bitsandbytes); where bitsandbytes is not installed (macOS, some GPU
+# images) the same command runs with plain AdamW, which the rest of the checks do not depend on.
+SEED_OPTIMIZER = "AdamW8bit" if importlib.util.find_spec("bitsandbytes") is not None else "AdamW"
+
+
 def seed_command(s, out: Path) -> list[str]:
     """The guide's example (section 4), on tiny files: lr 2e-3 instead of 1e-4 so 18 steps show learning,
     short token lengths, and the disk variants of the caches so the cached entries can be inspected."""
@@ -63,7 +70,7 @@ def seed_command(s, out: Path) -> list[str]:
         sys.executable, str(ROOT / "anima_train_network.py"), *model_args(s.paths),
         "--dataset_config", str(s.datasets["a"]), "--output_dir", str(out), "--output_name", "tiny",
         "--save_model_as", "safetensors", "--network_module", "networks.lora_anima", "--network_dim", "8",
-        "--learning_rate", "2e-3", "--optimizer_type", "AdamW8bit", "--lr_scheduler", "constant",
+        "--learning_rate", "2e-3", "--optimizer_type", SEED_OPTIMIZER, "--lr_scheduler", "constant",
         "--timestep_sampling", "sigmoid", "--discrete_flow_shift", "1.0", "--max_train_epochs", "3",
         "--save_every_n_epochs", "1", "--mixed_precision", "bf16", "--gradient_checkpointing", "--cache_latents",
         "--cache_text_encoder_outputs", "--vae_chunk_size", "64", "--vae_disable_cache",
