@@ -25,6 +25,7 @@ from library.anima.loading import load_anima_dit
 from library.anima.text import AnimaTextCacheEncoder, AnimaTextEncoding, AnimaTextOutputs
 from library.anima.vae import load_qwen_image_vae
 from library.errors import ConfigError
+from library.latent_cache import LatentCacheAdapter
 from library.text_encoders import file_fingerprint
 from library.training.flow_matching import add_flow_matching_arguments
 from library.training.flow_trainer import FlowMatchingTrainer
@@ -127,23 +128,6 @@ def apply_component_lrs(args, network, dit: torch.nn.Module) -> dict[str, int]:
 
 # ---------------------------------------------------------------------------------------------
 # Latents.
-
-class QwenImageLatentEncoder:
-    """Images -> normalised Qwen-Image VAE latents (posterior mode), for the cache and for uncached batches."""
-
-    file_suffix = "_anima"  # `<stem>_<WxH>_anima.safetensors`, as sd-scripts' `_anima.npz`
-
-    def __init__(self, vae, path: str, device: torch.device):
-        self.vae, self.device = vae, device
-        # the file's fingerprint, not its path (a replaced file invalidates the cache); chunking and
-        # the frame cache never change the result, the dtype does
-        self.identity = f"qwen-image-vae:{file_fingerprint(path)}:mode-normalised:{vae.dtype}"
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        self.vae.to(self.device)
-        return self.vae.encode(images.to(self.device, self.vae.dtype)).float().cpu()
-
 
 # ---------------------------------------------------------------------------------------------
 # The trainer.
@@ -267,7 +251,12 @@ class AnimaNetworkTrainer(FlowMatchingTrainer):
 
     def latent_encoder(self, args, models, device):
         if getattr(self, "_latent_encoder", None) is None:
-            self._latent_encoder = QwenImageLatentEncoder(models.vae, args.vae, device)
+            # normalised posterior modes, `<stem>_<WxH>_anima.safetensors` (as sd-scripts' `_anima.npz`); the
+            # file's fingerprint, not its path; chunking and the frame cache never change the result, the dtype does
+            vae = models.vae
+            self._latent_encoder = LatentCacheAdapter(
+                vae, f"qwen-image-vae:{file_fingerprint(args.vae)}:mode-normalised:{vae.dtype}", device, vae.dtype,
+                encode=lambda v, images: v.encode(images), file_suffix="_anima")
         return self._latent_encoder
 
     def text_encoding(self, args, models, device):

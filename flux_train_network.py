@@ -21,32 +21,18 @@ from library.flux import sampling as flux_sampling
 from library.flux.loading import load_flux_dit
 from library.flux.text import FluxTextCacheEncoder, FluxTextEncoding, FluxTextOutputs
 from library.autoencoders import load_flux_ae
+from library.latent_cache import LatentCacheAdapter
 from library.text_encoders import file_fingerprint
 from library.training import memory
 from library.training.flow_trainer import FlowMatchingTrainer
 from library.training.flow_matching import add_flow_matching_arguments
-from library.training.trainer import FamilyModels, NoisyInput, parse_network_args
+from library.training.trainer import FamilyModels, NoisyInput
 from networks.lora_flux import CLIP_L_INDEX, T5_INDEX
-from networks.network_args import parse_bool
+from networks.network_args import parse_bool_arg
 
 ARCHITECTURES = {"dev": "flux-1-dev", "schnell": "flux-1-schnell", "chroma": "chroma"}
 IMPLEMENTATIONS = {"flux": "https://github.com/black-forest-labs/flux",
                    "chroma": "https://huggingface.co/lodestones/Chroma"}
-
-
-class AELatentEncoder:
-    """Images -> scaled FLUX latents, for the latent cache and for uncached batches."""
-
-    def __init__(self, ae, path: str, device: torch.device, dtype: torch.dtype):
-        self.ae, self.device, self.dtype = ae, device, dtype
-        # the file's fingerprint, not its path: a replaced file must invalidate the cache
-        self.identity = f"flux-ae:{file_fingerprint(path)}:posterior-sample"
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        self.ae.to(self.device)
-        z = self.ae.encode(images.to(self.device, self.dtype), sample=True)
-        return z.float().cpu()
 
 
 class FluxNetworkTrainer(FlowMatchingTrainer):
@@ -131,7 +117,10 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
 
     def latent_encoder(self, args, models, device):
         if not hasattr(self, "_latent_encoder"):
-            self._latent_encoder = AELatentEncoder(models.vae, args.ae, device, next(models.vae.parameters()).dtype)
+            # the file's fingerprint, not its path: a replaced file must invalidate the cache
+            self._latent_encoder = LatentCacheAdapter(
+                models.vae, f"flux-ae:{file_fingerprint(args.ae)}:posterior-sample", device,
+                next(models.vae.parameters()).dtype)
         return self._latent_encoder
 
     def text_encoding(self, args, models, device):
@@ -212,15 +201,6 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
                      "implementation": IMPLEMENTATIONS[args.model_type], "prediction_type": None,
                      "default_resolution": 1024}
         return ("chroma" if variant == "chroma" else "flux1"), family, modelspec
-
-
-def parse_bool_arg(network_args: list[str] | None, key: str) -> bool:
-    """A boolean --network_args value as the network module reads it ("True"/"False", ...)."""
-    value = parse_network_args(network_args).get(key)
-    try:
-        return value is not None and parse_bool(value)
-    except ValueError as e:
-        raise ConfigError(f"--network_args {key}={value}: {e}") from e
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from library.attention import set_attention_backend
 from library.autoencoders import load_flux_ae
 from library.errors import ConfigError
 from library.fp8 import quantize_linears_
+from library.latent_cache import LatentCacheAdapter
 from library.lumina.loading import describe_variant, load_lumina_dit
 from library.lumina.model import VARIANTS
 from library.lumina.sampling import (DEFAULT_CFG_SCALE, DEFAULT_CFG_TRUNC_RATIO, DEFAULT_RENORM_CFG, DEFAULT_SHIFT,
@@ -42,23 +43,6 @@ TIMESTEP_SAMPLING_CHOICES = ["sigma", "uniform", "sigmoid", "shift", "flux_shift
 # Sample-prompt options of other families; Lumina's sampler has no use for them.
 _FOREIGN_PROMPT_OPTIONS = {"guidance_scale": "--g (FLUX embedded guidance)", "sample_sampler": "--ss (SD sampler)",
                            "controlnet_image": "--cn (ControlNet image)", "flow_shift": "--fs (Anima flow shift)"}
-
-
-class LuminaLatentEncoder:
-    """Images -> scaled FLUX-AE latents, for the latent cache and for uncached batches."""
-
-    file_suffix = "_lumina"
-
-    def __init__(self, ae, path: str, device: torch.device, dtype: torch.dtype):
-        self.ae, self.device, self.dtype = ae, device, dtype
-        # the file's fingerprint, not its path: a replaced file must invalidate the cache
-        self.identity = f"flux-ae:{file_fingerprint(path)}:posterior-sample"
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        self.ae.to(self.device)
-        z = self.ae.encode(images.to(self.device, self.dtype), sample=True)
-        return z.float().cpu()
 
 
 class LuminaNetworkTrainer(FlowMatchingTrainer):
@@ -173,7 +157,10 @@ class LuminaNetworkTrainer(FlowMatchingTrainer):
 
     def latent_encoder(self, args, models, device):
         if not hasattr(self, "_latent_encoder"):
-            self._latent_encoder = LuminaLatentEncoder(models.vae, args.ae, device, next(models.vae.parameters()).dtype)
+            # the FLUX AE; the file's fingerprint, not its path: a replaced file must invalidate the cache
+            self._latent_encoder = LatentCacheAdapter(
+                models.vae, f"flux-ae:{file_fingerprint(args.ae)}:posterior-sample", device,
+                next(models.vae.parameters()).dtype, file_suffix="_lumina")
         return self._latent_encoder
 
     def text_encoding(self, args, models, device):

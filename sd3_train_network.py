@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from library.errors import ConfigError
+from library.latent_cache import LatentCacheAdapter
 from library.offload import estimate_activation_bytes
 from library.sd3 import sampling as sd3_sampling
 from library.sd3.loading import load_sd3_mmdit, load_sd3_vae
@@ -30,9 +31,9 @@ from library.text_encoders import file_fingerprint
 from library.training import flow_matching as fm
 from library.training.losses import LossConfig
 from library.training.sample_prompts import load_sample_prompts
-from library.training.trainer import FamilyModels, NetworkTrainer, NoisyInput, parse_network_args
+from library.training.trainer import FamilyModels, NetworkTrainer, NoisyInput
 from networks.lora_sd3 import CLIP_G_INDEX, CLIP_L_INDEX, T5_INDEX, expand_text_encoder_lrs
-from networks.network_args import parse_bool
+from networks.network_args import parse_bool_arg
 
 IMPLEMENTATION = "diffusers"   # what sd-scripts writes as modelspec.implementation for SD3 LoRAs
 SAMPLE_DEFAULTS = {"width": 512, "height": 512, "steps": 30, "cfg_scale": 7.5}
@@ -45,21 +46,6 @@ _FOREIGN_PROMPT_OPTIONS = {
     "renorm_cfg": "--rcfg (Lumina only)",
     "flow_shift": "--fs (Anima only; SD3 samples with shift 3.0)",
 }
-
-
-class SD3LatentEncoder:
-    """Images -> scaled SD3 latents ((z − 0.0609) · 1.5305 of a posterior sample), for the
-    latent cache and for uncached batches."""
-
-    def __init__(self, vae, path: str, device: torch.device, dtype: torch.dtype):
-        self.vae, self.device, self.dtype = vae, device, dtype
-        # the file's fingerprint, not its path: a replaced file must invalidate the cache
-        self.identity = f"sd3-vae:{file_fingerprint(path)}:{dtype}:scaled-posterior-sample"
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        self.vae.to(self.device)
-        return self.vae.encode(images.to(self.device, self.dtype), sample=True).float().cpu()
 
 
 class SD3NetworkTrainer(NetworkTrainer):
@@ -182,7 +168,11 @@ class SD3NetworkTrainer(NetworkTrainer):
 
     def latent_encoder(self, args, models, device):
         if not hasattr(self, "_latent_encoder"):
-            self._latent_encoder = SD3LatentEncoder(models.vae, models.extra["vae_file"], device, models.vae.dtype)
+            # scaled (z - 0.0609) * 1.5305 posterior samples; the file's fingerprint, not its path
+            dtype = models.vae.dtype
+            self._latent_encoder = LatentCacheAdapter(
+                models.vae, f"sd3-vae:{file_fingerprint(models.extra['vae_file'])}:{dtype}:scaled-posterior-sample",
+                device, dtype)
         return self._latent_encoder
 
     def text_encoding(self, args, models, device):
@@ -356,15 +346,6 @@ def foreign_prompt_options(path: str) -> list[str]:
             if getattr(prompt, name) is not None:
                 problems.append(f"--sample_prompts: prompt {prompt.index} sets {what}: remove it")
     return problems
-
-
-def parse_bool_arg(network_args: list[str] | None, key: str) -> bool:
-    """A boolean --network_args value as the network module reads it ("True"/"False", ...)."""
-    value = parse_network_args(network_args).get(key)
-    try:
-        return value is not None and parse_bool(value)
-    except ValueError as e:
-        raise ConfigError(f"--network_args {key}={value}: {e}") from e
 
 
 def main(argv: list[str] | None = None) -> int:

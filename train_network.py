@@ -20,6 +20,7 @@ import sys
 import torch
 
 from library.errors import ConfigError, ModelFileError
+from library.latent_cache import LatentCacheAdapter
 from library.sd import sampling as sd_sampling
 from library.sd.loading import VAE_SCALE_FACTOR, fingerprint, inspect_sd_checkpoint, load_sd_model
 from library.sd.model import SDUNet, require_xformers
@@ -40,21 +41,6 @@ _FOREIGN_PROMPT_OPTIONS = {
     "renorm_cfg": "--rcfg (Lumina only)",
     "flow_shift": "--fs (Anima only)",
 }
-
-
-class SDLatentEncoder:
-    """Images -> scaled SD latents (0.18215 x a posterior sample), for the latent cache and for
-    uncached batches."""
-
-    def __init__(self, vae, identity: str, device: torch.device):
-        self.vae, self.device = vae, device
-        self.identity = f"sd-vae:{identity}:{vae.dtype}:scale={VAE_SCALE_FACTOR}:posterior-sample"
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        self.vae.to(self.device)
-        posterior = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
-        return (posterior.sample() * VAE_SCALE_FACTOR).float().cpu()
 
 
 class SDNetworkTrainer(NetworkTrainer):
@@ -175,7 +161,10 @@ class SDNetworkTrainer(NetworkTrainer):
 
     def latent_encoder(self, args, models, device):
         if not hasattr(self, "_latent_encoder"):
-            self._latent_encoder = SDLatentEncoder(models.vae, models.extra["vae_identity"], device)
+            vae = models.vae   # a diffusers AutoencoderKL: scaled posterior samples
+            self._latent_encoder = LatentCacheAdapter(
+                vae, f"sd-vae:{models.extra['vae_identity']}:{vae.dtype}:scale={VAE_SCALE_FACTOR}:posterior-sample",
+                device, vae.dtype, encode=lambda v, images: v.encode(images).latent_dist.sample() * VAE_SCALE_FACTOR)
         return self._latent_encoder
 
     def text_encoding(self, args, models, device):

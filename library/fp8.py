@@ -226,7 +226,7 @@ def _scaled_mm_kind_cached(index: int) -> str | None:
                          out_dtype=torch.bfloat16)
         return "rowwise"
     except (RuntimeError, NotImplementedError):
-        pass
+        pass   # per-row scales need a newer cuBLAS/torch; try one scale per tensor next
     try:
         one = torch.ones((), device=dev)
         torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)

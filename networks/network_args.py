@@ -315,3 +315,19 @@ def parse_network_args(raw: Mapping[str, Any] | None, specs: Sequence[ArgSpec], 
             + f"\nValid keys: {valid}."
         )
     return parsed
+
+
+def parse_bool_arg(network_args: list[str] | None, key: str) -> bool:
+    """One boolean from the raw `--network_args key=value ...` list, as the network module will
+    read it: for checks a trainer makes before the network exists (e.g. train_t5xxl with cached
+    text outputs)."""
+    value = None
+    for item in network_args or []:
+        name, sep, text = item.partition("=")
+        if sep and name.strip() == key:
+            value = text.strip()
+    try:
+        return value is not None and parse_bool(value)
+    except ValueError as e:
+        raise ConfigError(f"--network_args {key}={value}: {e}") from e
+

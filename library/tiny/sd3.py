@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from library.autoencoders import SD3_VAE_SCALING, AutoEncoderConfig
+from library.autoencoders import SD3_VAE_SCALING
 from library.sd3.model import VARIANTS, MMDiT, SD3Params
 from library.sd3.pos_embed import sincos_table
 from library.safetensors_io import save_file_atomic
