@@ -31,6 +31,7 @@ from library.training.flow_matching import add_flow_matching_arguments
 from library.training.flow_trainer import FlowMatchingTrainer
 from library.training.sample_prompts import SamplePrompt, load_sample_prompts
 from library.training.trainer import FamilyModels, NoisyInput, parse_network_args
+from library.training import memory
 
 ARCHITECTURE = "anima-preview/lora"
 IMPLEMENTATION = "https://huggingface.co/circlestone-labs/Anima"
@@ -218,14 +219,15 @@ class AnimaNetworkTrainer(FlowMatchingTrainer):
 
     # ---- models -------------------------------------------------------------------------------
     def load_models(self, args, device, weight_dtype) -> FamilyModels:
+        where = memory.load_device(args, device)   # the GPU with --lowram, else the CPU
         dit, info = load_anima_dit(args.pretrained_model_name_or_path, llm_adapter_path=args.llm_adapter_path,
-                                   device="cpu", dtype=weight_dtype)
+                                   device=where, dtype=weight_dtype)
         apply_attention_options(args, dit)
-        vae = load_qwen_image_vae(args.vae, device="cpu", dtype=weight_dtype, chunk_size=args.vae_chunk_size,
+        vae = load_qwen_image_vae(args.vae, device=where, dtype=weight_dtype, chunk_size=args.vae_chunk_size,
                                   disable_cache=args.vae_disable_cache)
         text = AnimaTextEncoding.from_files(
             args.qwen3, t5_tokenizer_path=args.t5_tokenizer_path, tokenizer_cache_dir=args.tokenizer_cache_dir,
-            qwen3_max_length=args.qwen3_max_token_length, t5_max_length=args.t5_max_token_length, device="cpu",
+            qwen3_max_length=args.qwen3_max_token_length, t5_max_length=args.t5_max_token_length, device=where,
             dtype=weight_dtype)
         self.check_network_args_early(args, dit)
         return FamilyModels(denoiser=dit, text_encoders=[text.qwen3], vae=vae, info=info,

@@ -37,6 +37,7 @@ from library.training.flow_matching import add_flow_matching_arguments
 from library.training.flow_trainer import FlowMatchingTrainer
 from library.training.sample_prompts import SamplePrompt, load_sample_prompts
 from library.training.trainer import FamilyModels, NoisyInput
+from library.training import memory
 from networks.lora_lumina import GEMMA2_INDEX
 
 TIMESTEP_SAMPLING_CHOICES = ["sigma", "uniform", "sigmoid", "shift", "flux_shift", "nextdit_shift"]
@@ -131,12 +132,13 @@ class LuminaNetworkTrainer(FlowMatchingTrainer):
         return torch.float32 if weight_dtype == torch.float16 else weight_dtype
 
     def load_models(self, args, device, weight_dtype) -> FamilyModels:
-        dit, info = load_lumina_dit(args.pretrained_model_name_or_path, device="cpu", dtype=weight_dtype)
+        where = memory.load_device(args, device)   # the GPU with --lowram, else the CPU
+        dit, info = load_lumina_dit(args.pretrained_model_name_or_path, device=where, dtype=weight_dtype)
         print(describe_variant(info))
-        ae = load_flux_ae(args.ae, device="cpu", dtype=weight_dtype)
+        ae = load_flux_ae(args.ae, device=where, dtype=weight_dtype)
         text = LuminaTextEncoding.from_files(
             gemma2_path=args.gemma2, max_length=args.gemma2_max_token_length, system_prompt=args.system_prompt,
-            tokenizer_cache_dir=args.tokenizer_cache_dir, device="cpu", dtype=self.gemma2_dtype(weight_dtype))
+            tokenizer_cache_dir=args.tokenizer_cache_dir, device=where, dtype=self.gemma2_dtype(weight_dtype))
         if args.fp8_base and not args.fp8_base_unet:
             # as sd-scripts: --fp8_base stores the text encoder's matrices in fp8 too (not with --fp8_base_unet)
             report = quantize_linears_(text.gemma2, [text.gemma2.layers], compute_dtype=self.gemma2_dtype(weight_dtype))

@@ -32,6 +32,7 @@ from library.training import flow_matching as fm
 from library.training.losses import LossConfig
 from library.training.sample_prompts import load_sample_prompts
 from library.training.trainer import FamilyModels, NetworkTrainer, NoisyInput
+from library.training import memory
 from networks.lora_sd3 import CLIP_G_INDEX, CLIP_L_INDEX, T5_INDEX, expand_text_encoder_lrs
 from networks.network_args import parse_bool_arg
 
@@ -138,19 +139,20 @@ class SD3NetworkTrainer(NetworkTrainer):
 
     # ---- models -------------------------------------------------------------------------------
     def load_models(self, args, device, weight_dtype) -> FamilyModels:
+        where = memory.load_device(args, device)   # the GPU with --lowram, else the CPU
         checkpoint = args.pretrained_model_name_or_path
-        mmdit, info = load_sd3_mmdit(checkpoint, device="cpu", dtype=weight_dtype)
+        mmdit, info = load_sd3_mmdit(checkpoint, device=where, dtype=weight_dtype)
         mmdit.set_pos_emb_random_crop_rate(args.pos_emb_random_crop_rate)
         print(f"{checkpoint}: {info.variant.label}, {info.params.depth} blocks")
         if args.enable_scaled_pos_embed and info.variant.name != "5-medium":
             print(f"note: --enable_scaled_pos_embed is an experimental feature meant for SD3.5 Medium; "
                   f"using it with {info.variant.label}")
-        vae = load_sd3_vae(checkpoint, args.vae, device="cpu", dtype=weight_dtype)
+        vae = load_sd3_vae(checkpoint, args.vae, device=where, dtype=weight_dtype)
         text = SD3TextEncoding.from_files(
             checkpoint=checkpoint, clip_l_path=args.clip_l, clip_g_path=args.clip_g, t5xxl_path=args.t5xxl,
             t5_max_length=args.t5xxl_max_token_length, apply_lg_attn_mask=args.apply_lg_attn_mask,
             apply_t5_attn_mask=args.apply_t5_attn_mask, tokenizer_cache_dir=args.tokenizer_cache_dir,
-            device="cpu", dtype=weight_dtype, context_width=info.params.context_in_features)
+            device=where, dtype=weight_dtype, context_width=info.params.context_in_features)
         return FamilyModels(denoiser=mmdit, text_encoders=[text.clip_l, text.clip_g, text.t5], vae=vae, info=info,
                             extra={"text": text, "vae_file": args.vae or checkpoint})
 

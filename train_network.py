@@ -29,6 +29,7 @@ from library.training import ddpm
 from library.training.losses import LossConfig
 from library.training.sample_prompts import load_sample_prompts
 from library.training.trainer import FamilyModels, NetworkTrainer, NoisyInput  # noqa: F401  (re-exported)
+from library.training import memory
 
 IMPLEMENTATION = "diffusers"   # modelspec.implementation of SD LoRAs (sd-scripts)
 SAMPLE_DEFAULTS = {"width": sd_sampling.DEFAULT_SIZE, "height": sd_sampling.DEFAULT_SIZE,
@@ -138,9 +139,10 @@ class SDNetworkTrainer(NetworkTrainer):
 
     # ---- models -------------------------------------------------------------------------------
     def load_models(self, args, device, weight_dtype) -> FamilyModels:
+        where = memory.load_device(args, device)   # the GPU with --lowram, else the CPU
         path = args.pretrained_model_name_or_path
         vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
-        parts = load_sd_model(path, v2=args.v2, vae_path=args.vae, device="cpu", dtype=weight_dtype,
+        parts = load_sd_model(path, v2=args.v2, vae_path=args.vae, device=where, dtype=weight_dtype,
                               vae_dtype=vae_dtype)
         info = parts.info
         print(f"{path}: {info.label} ({info.layout}), UNet widths {info.unet_config['block_out_channels']}, text "

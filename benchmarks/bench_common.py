@@ -99,6 +99,55 @@ def time_steps(step: Callable[[], Any], steps: int, device: torch.device) -> tup
     return times, result
 
 
+def profile_steps(step: Callable[[], Any], device: torch.device, *, steps: int = 2,
+                  table_path: str | None = None) -> dict[str, Any]:
+    """Run `step` `steps` times under torch.profiler: per step the wall time, the GPU's busy time
+    (union of kernel intervals), the summed kernel time by kind (matmul, attention, copy/cast,
+    other) and the number of kernel launches; the top ops by GPU and by CPU time go to
+    `table_path` (or stderr). A busy fraction well under 1 means the host sets the pace."""
+    import sys
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        wall = (time.perf_counter() - start) / steps
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    by_kind: dict[str, float] = {}
+    intervals = []
+    for e in kernels:
+        name = e.name.lower()
+        kind = ("attention" if any(k in name for k in ("flash", "fmha", "cudnn", "attention", "sdpa")) else
+                "matmul" if any(k in name for k in ("gemm", "nvjet", "cutlass", "xmma", "matmul", "sm90")) else
+                "copy/cast" if any(k in name for k in ("copy", "memcpy", "cast", "convert", "to_copy")) else "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.time_range.elapsed_us() / 1e6 / steps
+        intervals.append((e.time_range.start, e.time_range.end))
+    busy, end = 0.0, float("-inf")
+    for s, t in sorted(intervals):
+        if t > end:
+            busy += (t - max(s, end))
+            end = t
+    busy_s = busy / 1e6 / steps
+    sort_gpu = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    tables = (prof.key_averages().table(sort_by=sort_gpu, row_limit=30) + "\n" +
+              prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    if table_path:
+        with open(table_path, "w") as f:
+            f.write(tables)
+    else:
+        print(tables, file=sys.stderr)
+    return {"profiled_wall_s": round(wall, 4), "gpu_busy_s": round(busy_s, 4),
+            "gpu_busy_fraction": round(busy_s / wall, 3) if wall else None,
+            "kernel_s_by_kind": {k: round(v, 4) for k, v in sorted(by_kind.items())},
+            "kernels_per_step": len(kernels) // steps}
+
+
 def timing_fields(times: list[float], device: torch.device, *, build_s: float, flops_per_step: float,
                   peak_tflops: float, tflop_digits: int = 2) -> dict[str, Any]:
     """The JSON line's shared figures: build time, median and p90 step time (after the warm-up

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_common import (device_name, lora_optimizer, lora_training_step,  # noqa: E402
-                                     synchronize, time_steps, timing_fields)
+                                     profile_steps, time_steps, timing_fields)
 from flux_train_network import FluxNetworkTrainer  # noqa: E402
 from library.flux.model import VARIANTS  # noqa: E402
 from library.training import memory  # noqa: E402
@@ -82,12 +82,19 @@ def main() -> None:
     ap.add_argument("--variant", choices=["dev", "chroma"], default="dev")
     ap.add_argument("--train_text_encoders", choices=["none", "clip_l", "clip_l+t5"], default="none",
                     help="also train text-encoder LoRA (live encoding; T5 outputs cached with clip_l alone)")
-    ap.add_argument("--blocks_to_swap", type=int, default=0, help="block swap, as the trainer places the DiT")
+    ap.add_argument("--blocks_to_swap", type=memory.parse_blocks_to_swap, default=0,
+                    help="block swap (N or auto), as the trainer places the DiT")
     ap.add_argument("--fp8_base", action="store_true", help="fp8 block weights, as the trainer converts them")
     ap.add_argument("--cpu_offload_checkpointing", action="store_true")
     ap.add_argument("--fp8_matmul", default=memory.FP8_TRAINING_MATMUL, choices=["auto", "upcast", "scaled"],
                     help="with --fp8_base: scaled fp8 matmuls where they pay (auto), never, or always")
-    ap.add_argument("--profile", action="store_true", help="after timing, print the top kernels of 2 steps (stderr)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, profile 2 steps: GPU busy fraction, kernel time by kind, launches per step "
+                         "(in the JSON line) and the top ops (stderr, or --profile_tables)")
+    ap.add_argument("--profile_tables", default=None, help="file for the profiler's top-ops tables")
+    ap.add_argument("--memory_cap_gib", type=float, default=None,
+                    help="emulate a smaller card: cap this process's CUDA memory (set_per_process_memory_fraction) "
+                         "before the DiT is placed")
     a = ap.parse_args()
 
     device = torch.device(a.device)
@@ -122,7 +129,25 @@ def main() -> None:
                                        train_t5xxl=str(1 in trained_tes))
     network.apply_to(apply_text_encoder=bool(trained_tes), apply_unet=True)
     network.to(device)
-    placement = memory.place_denoiser(dit, lists, device, a.blocks_to_swap, model_name="FLUX")
+    if a.memory_cap_gib or a.blocks_to_swap == "auto":
+        # As in the trainer: the DiT arrives from the CPU, and 'auto' reads what is free then.
+        dit.to("cpu")
+        network.to(device)
+        torch.cuda.empty_cache()
+    if a.memory_cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(a.memory_cap_gib * 2**30 / total, index)
+    args.t5xxl_max_token_length, args.gradient_checkpointing = a.t5_len, not a.no_grad_ckpt
+    try:
+        placement = memory.place_denoiser(
+            dit, lists, device, a.blocks_to_swap, model_name="FLUX",
+            auto_fixed_bytes=lambda: memory.bytes_outside_blocks(dit, lists, network.get_trainable_params()),
+            auto_activation_bytes=lambda: trainer.activation_bytes_estimate(args, models, 1, a.size, a.size))
+    except torch.cuda.OutOfMemoryError:
+        print(json.dumps({"model": "flux1-dev", "memory_cap_gib": a.memory_cap_gib, "blocks_to_swap": a.blocks_to_swap,
+                          "oom": True, "oom_at": "placing the model"}))
+        return
     torch.cuda.empty_cache() if device.type == "cuda" else None
     if a.compile:
         compile_blocks(trainer.block_lists(models), "inductor")
@@ -145,26 +170,25 @@ def main() -> None:
         return trainer.encode_text_for_training(args, models, captions, cached, trained_tes, device)
 
     step = lora_training_step(trainer, args, models, network, opt, latents, conditioning, dtype=dtype)
-    times, _ = time_steps(step, a.steps, device)
-    if a.profile:
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(2):
-                step()
-            synchronize(device)
-        print(prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda" else
-                                        "self_cpu_time_total", row_limit=25), file=sys.stderr)
+    try:
+        times, _ = time_steps(step, a.steps, device)
+    except torch.cuda.OutOfMemoryError:
+        print(json.dumps({"model": "flux1-dev", "memory_cap_gib": a.memory_cap_gib, "blocks_to_swap": a.blocks_to_swap,
+                          "swap": placement.message, "oom": True, "oom_at": "training step"}))
+        return
+    profiled = profile_steps(step, device, table_path=a.profile_tables) if a.profile else {}
     img_tokens = (lat_hw // 2) ** 2
     flops = useful_flops(params, img_tokens, a.t5_len)
     out = {
         "model": ("tiny-" if a.tiny else "") + ("chroma" if chroma else "flux1-dev"),
         "train_text_encoders": a.train_text_encoders, "device": device_name(device),
         "size": a.size, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt, "compile": a.compile,
-        "blocks_to_swap": a.blocks_to_swap, "fp8_base": a.fp8_base, "cpu_offload_checkpointing": a.cpu_offload_checkpointing,
+        "blocks_to_swap": placement.blocks_to_swap, "memory_cap_gib": a.memory_cap_gib, "oom": False, "fp8_base": a.fp8_base, "cpu_offload_checkpointing": a.cpu_offload_checkpointing,
         "fp8": fp8_report, "fp8_matmul": a.fp8_matmul if a.fp8_base else None, "swap": placement.message,
         "fallback_loads": placement.swap.stats.fallback_loads if placement.swap else None,
         **timing_fields(times, device, build_s=build_s, flops_per_step=flops, peak_tflops=a.peak_tflops,
                         tflop_digits=1),
+        "first_steps_s": [round(t, 2) for t in times[:3]], **profiled,
     }
     print(json.dumps(out))
 

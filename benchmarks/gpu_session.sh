@@ -5,12 +5,63 @@
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 #     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
 #     families: full-size SD3.5 L, Lumina 2, Anima steps; GPU tests; the families' e2e tests on CUDA
+#     diagnose: FLUX step profile (GPU busy fraction, kernel time by kind), launch to first step at full
+#               size, --blocks_to_swap auto under 24 and 16 GiB caps
 set -uo pipefail
 WHAT=${1:-all}
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch,transformers,accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)" | tee -a "$OUT/gpu.txt"
+
+if [ "$WHAT" = final ]; then
+  echo "== GPU tests"
+  timeout 110 python3 -m pytest -q -m gpu tests -p no:randomly > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
+  echo "== FLUX.1-dev step: eager, --blocks_to_swap 18, --fp8_base"
+  for extra in "" "--blocks_to_swap 18" "--fp8_base"; do
+    timeout 70 python3 benchmarks/bench_flux_train.py --device cuda --steps 15 $extra 2>&1 | tail -1 | tee -a "$OUT/final.jsonl"
+  done
+  echo "== families, eager"
+  for cmd in bench_sd3_train.py bench_lumina_train.py bench_anima_train.py; do
+    timeout 45 python3 benchmarks/$cmd --device cuda --steps 12 2>&1 | tail -1 | tee -a "$OUT/final.jsonl"
+  done
+  echo "== launch to first step"
+  timeout 170 python3 benchmarks/bench_launch.py --models /tmp/flux_full --runs 1 --log "$OUT/launch_log.txt" \
+    2>&1 | tail -2 | tee -a "$OUT/final.jsonl"
+  rm -rf /tmp/flux_full
+  echo "== --blocks_to_swap auto under a 16 GiB cap"
+  timeout 130 python3 benchmarks/bench_auto_swap.py --caps 16 --max_probes 2 --out "$OUT/auto_swap16.jsonl" \
+    2>&1 | tail -2 | tee -a "$OUT/final.jsonl"
+  exit 0
+fi
+
+if [ "$WHAT" = steps ]; then
+  echo "== GPU tests"
+  timeout 150 python3 -m pytest -q -m gpu tests -p no:randomly > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
+  echo "== FLUX.1-dev step: eager (profiled), per-block compile (profiled)"
+  timeout 100 python3 benchmarks/bench_flux_train.py --device cuda --steps 15 --profile \
+    --profile_tables "$OUT/prof_eager.txt" 2>"$OUT/prof_eager.err" | tail -1 | tee -a "$OUT/steps.jsonl"
+  timeout 130 python3 benchmarks/bench_flux_train.py --device cuda --steps 15 --compile --profile \
+    --profile_tables "$OUT/prof_compile.txt" 2>"$OUT/prof_compile.err" | tail -1 | tee -a "$OUT/steps.jsonl"
+  echo "== --blocks_to_swap auto under memory caps"
+  timeout 200 python3 benchmarks/bench_auto_swap.py --caps 24 16 --max_probes 3 --out "$OUT/auto_swap.jsonl" \
+    2>&1 | tail -4 | tee -a "$OUT/steps.jsonl"
+  exit 0
+fi
+
+if [ "$WHAT" = diagnose ]; then
+  echo "== FLUX.1-dev step, eager, profiled"
+  timeout 100 python3 benchmarks/bench_flux_train.py --device cuda --steps 12 --profile \
+    --profile_tables "$OUT/prof_eager.txt" 2>"$OUT/prof_eager.err" | tail -1 | tee -a "$OUT/diagnose.jsonl"
+  echo "== launch to first step, full-size files in the page cache"
+  timeout 230 python3 benchmarks/bench_launch.py --models /tmp/flux_full --runs 2 --log "$OUT/launch_log.txt" \
+    2>&1 | tail -3 | tee -a "$OUT/diagnose.jsonl"
+  rm -rf /tmp/flux_full
+  echo "== --blocks_to_swap auto under memory caps"
+  timeout 220 python3 benchmarks/bench_auto_swap.py --caps 24 16 --max_probes 3 --out "$OUT/auto_swap.jsonl" \
+    2>&1 | tail -4 | tee -a "$OUT/diagnose.jsonl"
+  exit 0
+fi
 
 if [ "$WHAT" = families ] || [ "$WHAT" = all ]; then
   echo "== full-size LoRA steps per family (1024x1024, rank 16, bf16, grad ckpt, cached inputs)"

@@ -347,8 +347,16 @@ class LoRAModule(nn.Module):
             keep = torch.rand(mask_shape, device=lx.device) > self.rank_dropout
             lx = lx * keep.to(lx.dtype)
             scale = scale / (1.0 - self.rank_dropout)  # keep the expected output unchanged
-        delta = self._up(lx)
-        out = out + (delta * (self.multiplier * scale)).to(out.dtype)
+        factor = self.multiplier * scale
+        if self.split_dims is None and isinstance(self.lora_up, nn.Linear) and lx.dtype == out.dtype:
+            # out + factor * (lx @ up^T) as one GEMM with the add in its epilogue (no separate
+            # elementwise pass over the layer's output)
+            w = self.lora_up.weight.to(lx.dtype)
+            n = out.shape[-1]
+            out = torch.addmm(out.reshape(-1, n), lx.reshape(-1, lx.shape[-1]), w.t(), alpha=factor).view(out.shape)
+        else:
+            delta = self._up(lx)
+            out = out + (delta * factor).to(out.dtype)
         perturbation = self._ggpo_perturbation(x)
         return out if perturbation is None else out + perturbation.to(out.dtype)
 

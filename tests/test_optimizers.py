@@ -223,3 +223,17 @@ def test_deprecated_aliases():
     assert opt.build_optimizer(None, None, _params(), 1e-3, use_8bit_adam=True).name.endswith("AdamW8bit")
     with pytest.raises(ConfigError, match="keep only --optimizer_type"):
         opt.build_optimizer("AdamW", None, _params(), 1e-3, use_lion_optimizer=True)
+
+
+def test_adamw_is_fused_on_cuda_parameters_unless_told_otherwise(monkeypatch):
+    from library.training import optimizers
+
+    params = [torch.nn.Parameter(torch.zeros(4))]
+    plain = optimizers.build_optimizer("AdamW", [], params, 1e-4)
+    assert not plain.optimizer.defaults.get("fused")              # CPU tensors: the default AdamW
+    monkeypatch.setattr(optimizers, "_all_on_cuda", lambda p: True)
+    fused = optimizers.build_optimizer("AdamW", [], params, 1e-4)
+    assert fused.optimizer.defaults["fused"] is True
+    assert "fused" not in fused.description                       # sd-scripts' optimizer string
+    chosen = optimizers.build_optimizer("AdamW", ["foreach=True"], params, 1e-4)
+    assert not chosen.optimizer.defaults.get("fused") and chosen.optimizer.defaults["foreach"] is True

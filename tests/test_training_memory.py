@@ -28,7 +28,7 @@ def test_auto_picks_the_smallest_swap_that_fits_the_free_memory(monkeypatch):
     # --blocks_to_swap 3 = 1 double + 4 single blocks off the GPU: leaves 4 doubles and 2 singles resident.
     # Free memory is exactly what that needs (+ the 1 GiB margin), so 2 does not fit and 3 does.
     free = fixed + activations + GiB + 4 * double + 2 * single
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 10 * free))
+    monkeypatch.setattr(memory, "cuda_allocatable_bytes", lambda device: free)
     placement = memory.place_denoiser(model, lists(model), torch.device("cpu"), "auto", model_name="tiny FLUX",
                                       auto_fixed_bytes=lambda: fixed, auto_activation_bytes=lambda: activations)
     assert placement.blocks_to_swap == 3
@@ -38,9 +38,21 @@ def test_auto_picks_the_smallest_swap_that_fits_the_free_memory(monkeypatch):
     assert placement.swap.stats.fallback_loads == 0
 
 
+@pytest.mark.parametrize("fraction, expected_gib", [(1.0, 12), (0.3, 30 - 20), (0.25, 25 - 20)])
+def test_allocatable_memory_counts_the_allocator_cache_and_a_memory_fraction(monkeypatch, fraction, expected_gib):
+    # 100 GiB card, 8 GiB free at the driver, the process holds 24 GiB of which 20 are in use:
+    # 8 + 4 cached are allocatable, unless a per-process fraction caps the process lower
+    # (30 GiB: 10 more; 25 GiB: 5 more).
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * GiB, 100 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 24 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * GiB)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: fraction)
+    assert memory.cuda_allocatable_bytes(torch.device("cuda", 0)) == expected_gib * GiB
+
+
 def test_auto_without_an_estimate_is_refused(monkeypatch):
     _, model, _ = tiny_flux_with_lora()
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (GiB, GiB))
+    monkeypatch.setattr(memory, "cuda_allocatable_bytes", lambda device: GiB)
     with pytest.raises(ConfigError, match="not available for tiny FLUX yet"):
         memory.place_denoiser(model, lists(model), torch.device("cpu"), "auto", model_name="tiny FLUX",
                               auto_activation_bytes=lambda: None)
@@ -86,3 +98,4 @@ def test_option_checks_and_implied_options():
         memory.check_memory_args(base_args(blocks_to_swap=4, unsloth_offload_checkpointing=True))
     with pytest.raises(ConfigError, match="computes in the mixed-precision dtype"):
         memory.check_memory_args(base_args(fp8_base=True, mixed_precision="no"))
+

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from library.anima.llm_adapter import LLMAdapter, LLMAdapterParams
 from library.attention import attention, attention_per_sample
 from library.block_checkpointing import BlockCheckpointing
+from library.block_ops import gated_residual, modulated_layer_norm, rms_norm, rope_half_freqs, rotate_halves
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,10 @@ def rope3d_angles(head_dim: int, t: int, h: int, w: int, extrapolation: tuple[fl
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, L, H, D) rotated with the rotate-half convention; cos/sin (L, D) in x's dtype."""
+    """x (B, L, H, D) rotated with the rotate-half convention (channel j pairs with j + D/2);
+    cos/sin (L, D), cast to x's dtype. The plain formula: what runs under torch.compile (inductor
+    fuses it); eager code uses `rotate_halves`, the same rotation in three kernels."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
@@ -117,7 +121,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # Layers (checkpoint names).
 
 class RMSNorm(nn.Module):
-    """RMS norm computed in float32 (`weight` as in the checkpoint)."""
+    """RMS norm with float32 statistics, in the input's dtype (`weight` as in the checkpoint);
+    PyTorch's fused kernel (library/block_ops.py)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -125,9 +130,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
-        return normed * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -154,8 +157,11 @@ class Attention(nn.Module):
         k = self.k_norm(rearrange(self.k_proj(context), "b l (h d) -> b l h d", d=self.head_dim))
         v = rearrange(self.v_proj(context), "b l (h d) -> b l h d", d=self.head_dim)
         if self.is_self_attention and rope is not None:
-            cos, sin = (r.to(q.dtype) for r in rope)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if torch.compiler.is_compiling():  # inductor fuses the plain form and handles complex poorly
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            else:
+                freqs = rope_half_freqs(*rope)
+                q, k = rotate_halves(q, freqs), rotate_halves(k, freqs)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         out = (attention_per_sample if self.split_attn else attention)(q, k, v)
         return self.output_proj(rearrange(out, "b h l d -> b l (h d)"))
@@ -184,7 +190,8 @@ def modulation(module: nn.Module, emb: Tensor, adaln_lora: Tensor, chunks: int) 
 
 
 class Block(nn.Module):
-    """Self-attention, cross-attention and MLP, each as x + gate * f(norm(x) * (1 + scale) + shift)."""
+    """Self-attention, cross-attention and MLP, each as x + gate * f(norm(x) * (1 + scale) + shift),
+    with the norm + modulation and the gated residual as fused kernels (library/block_ops.py)."""
 
     def __init__(self, dim: int, context_dim: int, num_heads: int, mlp_ratio: float, adaln_lora_dim: int):
         super().__init__()
@@ -203,11 +210,13 @@ class Block(nn.Module):
                 adaln_lora: Tensor) -> Tensor:
         """x (B, L, D) tokens; emb (B, D) normalised timestep features; adaln_lora (B, 3D)."""
         shift, scale, gate = modulation(self.adaln_modulation_self_attn, emb, adaln_lora, 3)
-        x = x + gate * self.self_attn(self.layer_norm_self_attn(x) * (1 + scale) + shift, rope=rope)
+        normed = modulated_layer_norm(x, shift, scale, self.layer_norm_self_attn.eps)
+        x = gated_residual(x, gate, self.self_attn(normed, rope=rope))
         shift, scale, gate = modulation(self.adaln_modulation_cross_attn, emb, adaln_lora, 3)
-        x = x + gate * self.cross_attn(self.layer_norm_cross_attn(x) * (1 + scale) + shift, context)
+        normed = modulated_layer_norm(x, shift, scale, self.layer_norm_cross_attn.eps)
+        x = gated_residual(x, gate, self.cross_attn(normed, context))
         shift, scale, gate = modulation(self.adaln_modulation_mlp, emb, adaln_lora, 3)
-        return x + gate * self.mlp(self.layer_norm_mlp(x) * (1 + scale) + shift)
+        return gated_residual(x, gate, self.mlp(modulated_layer_norm(x, shift, scale, self.layer_norm_mlp.eps)))
 
 
 class PatchEmbed(nn.Module):
@@ -259,7 +268,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor, adaln_lora: Tensor) -> Tensor:
         shift, scale = modulation(self.adaln_modulation, emb, adaln_lora, 2)
-        return self.linear(self.layer_norm(x) * (1 + scale) + shift)
+        return self.linear(modulated_layer_norm(x, shift, scale, self.layer_norm.eps))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,8 +93,10 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
                    help="cache text-encoder outputs in files next to the images")
     k.add_argument("--skip_cache_check", action="store_true", default=None,
                    help="trust existing cache files without checking the source images or file integrity")
-    k.add_argument("--max_data_loader_n_workers", type=int, default=8,
-                   help="data-loader worker processes (capped at the CPU count; 0 loads in the main process)")
+    k.add_argument("--max_data_loader_n_workers", type=int, default=None,
+                   help="data-loader worker processes (capped at the CPU count; 0 loads in the main process). "
+                        "Default: none when the latents are cached (batches are then cheaper to build in the "
+                        "main process than to pass from workers), else 8 as in sd-scripts")
     k.add_argument("--persistent_data_loader_workers", action="store_true", default=None,
                    help="keep data-loader workers alive between epochs (faster epoch starts, more memory)")
 
@@ -106,7 +108,14 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def data_loader_workers(args: argparse.Namespace) -> int:
-    """sd-scripts: min(CPU count, --max_data_loader_n_workers)."""
-    n = getattr(args, "max_data_loader_n_workers", 8)
-    n = 8 if n is None else n
+    """min(CPU count, --max_data_loader_n_workers); when not given, 0 with cached latents, else 8.
+
+    With the latents cached a batch is a few tensor reads: building it in the main process
+    measured 2-7x faster than passing it from workers (docs/benchmarks.md, data pipeline), and
+    the workers' start at every epoch (seconds, without --persistent_data_loader_workers) is gone.
+    """
+    n = getattr(args, "max_data_loader_n_workers", None)
+    if n is None:
+        cached = getattr(args, "cache_latents", False) or getattr(args, "cache_latents_to_disk", False)
+        n = 0 if cached else 8
     return max(0, min(os.cpu_count() or 1, n))

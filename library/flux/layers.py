@@ -18,6 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from library.attention import attention
+from library.block_ops import gated_residual, modulated_layer_norm, rms_norm, rotate_pairs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,11 +38,7 @@ def rope_frequencies(positions: Tensor, dim: int, theta: int) -> Tensor:
 
 def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
     """Rotate consecutive channel pairs (x0, x1) of x (B, H, L, D) by freqs (B, 1, L, D/2, 2)."""
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = freqs[..., 0], freqs[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.reshape(x.shape).type_as(x)
+    return rotate_pairs(x, freqs)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
@@ -93,9 +90,7 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x_float = x.float()
-        normed = x_float * torch.rsqrt(x_float.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
-        return normed.to(x.dtype) * self.scale.to(x.dtype)
+        return rms_norm(x, self.scale, 1e-6)
 
 
 class QKNorm(nn.Module):
@@ -136,6 +131,10 @@ class ModulationOut:
 
     def modulate(self, normed: Tensor) -> Tensor:
         return (1 + self.scale) * normed + self.shift
+
+    def norm_modulate(self, x: Tensor, norm: nn.LayerNorm) -> Tensor:
+        """modulate(norm(x)) in one fused kernel where it can (library/block_ops.py)."""
+        return modulated_layer_norm(x, self.shift, self.scale, norm.eps)
 
 
 @dataclass
@@ -216,8 +215,8 @@ class DoubleStreamBlock(nn.Module):
         precomputed modulations (Chroma). `pe` and `attn_mask` follow the joint token order:
         text first for FLUX (txt_first=True), image first for Chroma."""
         mod = self.modulations(vec)
-        img_q, img_k, img_v = self.img_attn.project_qkv(mod.img_attn.modulate(self.img_norm1(img)))
-        txt_q, txt_k, txt_v = self.txt_attn.project_qkv(mod.txt_attn.modulate(self.txt_norm1(txt)))
+        img_q, img_k, img_v = self.img_attn.project_qkv(mod.img_attn.norm_modulate(img, self.img_norm1))
+        txt_q, txt_k, txt_v = self.txt_attn.project_qkv(mod.txt_attn.norm_modulate(txt, self.txt_norm1))
 
         parts = ((txt_q, txt_k, txt_v), (img_q, img_k, img_v))
         if not txt_first:
@@ -232,10 +231,10 @@ class DoubleStreamBlock(nn.Module):
         else:
             img_out, txt_out = joint[:, :-n_txt], joint[:, -n_txt:]
 
-        img = img + mod.img_attn.gate * self.img_attn.proj(img_out)
-        img = img + mod.img_mlp.gate * self.img_mlp(mod.img_mlp.modulate(self.img_norm2(img)))
-        txt = txt + mod.txt_attn.gate * self.txt_attn.proj(txt_out)
-        txt = txt + mod.txt_mlp.gate * self.txt_mlp(mod.txt_mlp.modulate(self.txt_norm2(txt)))
+        img = gated_residual(img, mod.img_attn.gate, self.img_attn.proj(img_out))
+        img = gated_residual(img, mod.img_mlp.gate, self.img_mlp(mod.img_mlp.norm_modulate(img, self.img_norm2)))
+        txt = gated_residual(txt, mod.txt_attn.gate, self.txt_attn.proj(txt_out))
+        txt = gated_residual(txt, mod.txt_mlp.gate, self.txt_mlp(mod.txt_mlp.norm_modulate(txt, self.txt_norm2)))
         return img, txt
 
 
@@ -263,13 +262,13 @@ class SingleStreamBlock(nn.Module):
         else:
             assert isinstance(vec, ModulationOut), "this block needs precomputed modulations"
             mod = vec
-        qkv, mlp_in = torch.split(self.linear1(mod.modulate(self.pre_norm(x))),
+        qkv, mlp_in = torch.split(self.linear1(mod.norm_modulate(x, self.pre_norm)),
                                   [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
         q, k = apply_rope(q, pe), apply_rope(k, pe)
         attn = rearrange(attention(q, k, v, attn_mask), "B H L D -> B L (H D)")
-        return x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), dim=2))
+        return gated_residual(x, mod.gate, self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), dim=2)))
 
 
 class LastLayer(nn.Module):
@@ -288,4 +287,4 @@ class LastLayer(nn.Module):
             shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
         else:
             shift, scale = vec
-        return self.linear((1 + scale) * self.norm_final(x) + shift)
+        return self.linear(modulated_layer_norm(x, shift, scale, self.norm_final.eps))

@@ -8,6 +8,9 @@ targets by the class names JointTransformerBlock and FinalLayer.
 The rotary embedding (consecutive channel pairs, angles in float64) and the sinusoidal
 timestep embedding (cos half first) are the same math as FLUX's and come from
 library.flux.layers; Lumina feeds t in [0, 1] without FLUX's x1000.
+
+Norms, modulation and gated residuals use the fused ops of library/block_ops.py (as FLUX does):
+the same math as the reference up to bf16 rounding, in a few kernels instead of many.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from library.attention import RightPadding, attention_right_padded
+from library.block_ops import gated_residual, modulated_layer_norm, modulated_rms_norm, rms_norm
 from library.flux.layers import apply_rope, timestep_embedding
 
 FREQUENCY_EMBEDDING_SIZE = 256
 
 
 class RMSNorm(nn.Module):
-    """RMS norm over the last dim, computed in float32, with a learned `weight` (checkpoint name)."""
+    """RMS norm over the last dim with a learned `weight` (checkpoint name), as the reference's
+    x * rsqrt(mean(x^2) + eps) * weight: one fused kernel, statistics and the product in
+    float32, one rounding to x's dtype (the weight is first cast to x's dtype)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -31,9 +37,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x_float = x.float()
-        normed = x_float * torch.rsqrt(x_float.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class JointAttention(nn.Module):
@@ -107,10 +111,11 @@ class JointTransformerBlock(nn.Module):
             raise ValueError("a modulated Lumina block needs the timestep embedding")
         # (B, 4*dim) -> four (B, 1, dim)
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln_input).unsqueeze(1).chunk(4, dim=-1)
-        attn = self.attention(self.attention_norm1(x) * (1 + scale_msa), freqs, padding)
-        x = x + gate_msa.tanh() * self.attention_norm2(attn)
-        ffn = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
-        return x + gate_mlp.tanh() * self.ffn_norm2(ffn)
+        pre_attn, pre_ffn = self.attention_norm1, self.ffn_norm1
+        attn = self.attention(modulated_rms_norm(x, pre_attn.weight, scale_msa, pre_attn.eps), freqs, padding)
+        x = gated_residual(x, gate_msa.tanh(), self.attention_norm2(attn))
+        ffn = self.feed_forward(modulated_rms_norm(x, pre_ffn.weight, scale_mlp, pre_ffn.eps))
+        return gated_residual(x, gate_mlp.tanh(), self.ffn_norm2(ffn))
 
 
 class TimestepEmbedder(nn.Module):
@@ -137,4 +142,5 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, adaln_input: Tensor) -> Tensor:
         scale = self.adaLN_modulation(adaln_input).unsqueeze(1)
-        return self.linear(self.norm_final(x) * (1 + scale))
+        # LayerNorm(x) * (1 + scale): no shift, so a zero one (the fused kernel's bias, or addcmul's)
+        return self.linear(modulated_layer_norm(x, torch.zeros_like(scale), scale, self.norm_final.eps))

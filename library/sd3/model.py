@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from library.attention import attention
 from library.block_checkpointing import BlockCheckpointing
+from library.block_ops import gated_residual, modulated_layer_norm, rms_norm
 from library.sd3.pos_embed import ScaledPosEmbeds, center_offsets, check_fits, crop_table, random_offsets
 
 HEAD_DIM = 64
@@ -110,9 +111,15 @@ def timestep_embedding(t: Tensor, dim: int = TIMESTEP_EMBED_DIM, max_period: flo
     return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN: x (B, L, D) with per-sample shift and scale (B, D)."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+def norm_modulate(x: Tensor, norm: nn.LayerNorm, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: norm(x) * (1 + scale) + shift for x (B, L, D) with per-sample shift and scale
+    (B, D), norm a LayerNorm without affine; fused where it can (library/block_ops.py)."""
+    return modulated_layer_norm(x, shift[:, None], scale[:, None], norm.eps)
+
+
+def gated(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """The gated residual x + gate * y for x, y (B, L, D) and a per-sample gate (B, D)."""
+    return gated_residual(x, gate[:, None], y)
 
 
 def _layer_norm(hidden_size: int) -> nn.LayerNorm:
@@ -151,9 +158,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x_float = x.float()
-        normed = x_float * torch.rsqrt(x_float.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class AttentionLinears(nn.Module):
@@ -231,20 +236,19 @@ class SingleDiTBlock(nn.Module):
 
     def pre_attention(self, x: Tensor, mod: StreamModulation):
         """q, k, v (B, H, L, D) for the joint attention, and for attn2 when present (else None)."""
-        normed = self.norm1(x)
-        qkv = self.attn.project_qkv(modulate(normed, mod.shift_msa, mod.scale_msa))
+        qkv = self.attn.project_qkv(norm_modulate(x, self.norm1, mod.shift_msa, mod.scale_msa))
         qkv2 = None
         if self.x_block_self_attn:
-            qkv2 = self.attn2.project_qkv(modulate(normed, mod.shift_msa2, mod.scale_msa2))
+            qkv2 = self.attn2.project_qkv(norm_modulate(x, self.norm1, mod.shift_msa2, mod.scale_msa2))
         return qkv, qkv2
 
     def post_attention(self, x: Tensor, attn_out: Tensor, mod: StreamModulation,
                        attn2_out: Tensor | None = None) -> Tensor:
         """Residual updates after attention; attn outputs are (B, L, dim)."""
-        x = x + mod.gate_msa[:, None] * self.attn.proj(attn_out)
+        x = gated(x, mod.gate_msa, self.attn.proj(attn_out))
         if attn2_out is not None:
-            x = x + mod.gate_msa2[:, None] * self.attn2.proj(attn2_out)
-        return x + mod.gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), mod.shift_mlp, mod.scale_mlp))
+            x = gated(x, mod.gate_msa2, self.attn2.proj(attn2_out))
+        return gated(x, mod.gate_mlp, self.mlp(norm_modulate(x, self.norm2, mod.shift_mlp, mod.scale_mlp)))
 
 
 def _merge_heads(x: Tensor) -> Tensor:
@@ -291,7 +295,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(norm_modulate(x, self.norm_final, shift, scale))
 
 
 # ---------------------------------------------------------------------------------------------

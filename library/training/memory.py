@@ -148,9 +148,8 @@ def place_denoiser(model: nn.Module, lists: Sequence[nn.ModuleList], device: tor
         if activation is None:
             raise ConfigError(f"--blocks_to_swap auto is not available for {model_name} yet (no activation "
                               "estimate); give a number instead.")
-        free, _total = torch.cuda.mem_get_info(device)
-        choice = choose_blocks_to_swap(free_bytes=free, lists=[SwapList(d, swappable_bytes(b))
-                                                               for d, b in zip(depths, lists)],
+        choice = choose_blocks_to_swap(free_bytes=cuda_allocatable_bytes(device),
+                                       lists=[SwapList(d, swappable_bytes(b)) for d, b in zip(depths, lists)],
                                        fixed_bytes=auto_fixed_bytes() if auto_fixed_bytes else 0,
                                        activation_bytes=activation)
         blocks_to_swap, message = choice.blocks_to_swap, choice.reason
@@ -163,6 +162,21 @@ def place_denoiser(model: nn.Module, lists: Sequence[nn.ModuleList], device: tor
     note = (f"block swap: {blocks_to_swap} ({', '.join(f'{n} of {d}' for n, d in zip(split, depths))} blocks per "
             f"list) in {swap.pinned_bytes() / GiB:.2f} GiB of {'pinned ' if device.type == 'cuda' else ''}CPU memory")
     return Placement(swap, int(blocks_to_swap), f"{message}\n{note}" if message else note)
+
+
+def cuda_allocatable_bytes(device: torch.device) -> int:
+    """What this process may still allocate on the GPU: the driver's free memory plus what
+    PyTorch's allocator holds unused, and no more than a per-process memory fraction allows
+    (torch.cuda.set_per_process_memory_fraction, which the driver's figure does not show)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    allocated = torch.cuda.memory_allocated(index)
+    available = free + torch.cuda.memory_reserved(index) - allocated
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)   # torch >= 2.9
+    fraction = get_fraction(index) if get_fraction is not None else 1.0
+    if fraction < 1.0:
+        available = min(available, int(fraction * total) - allocated)
+    return max(available, 0)
 
 
 def bytes_outside_blocks(model: nn.Module, lists: Sequence[nn.ModuleList], trainable: Sequence[torch.Tensor]) -> int:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.data import add_dataset_arguments, build_datasets
+from library.data import add_dataset_arguments, build_datasets, data_loader_workers
 from library.errors import ConfigError, UserError
 from library.training import args as common_args
 from library.training import checkpoints as ckpt
@@ -50,6 +50,7 @@ from library.training import metadata as meta_lib
 from library.training.optimizers import add_optimizer_arguments, build_optimizer
 from library.training.sample_gallery import SampleRow, write_gallery
 from library.training.sample_prompts import SamplePrompt, load_sample_prompts
+from library.training.startup_time import report_startup_time
 from library.training.step_metrics import LaggedScalar, is_bad_loss
 from library.training import validation as val_lib
 
@@ -255,13 +256,25 @@ class NetworkTrainer:
         set_seed(args.seed)
         # hashing a 22 GB checkpoint takes ~30 s: do it beside the run, not before it
         self._model_hash = BackgroundFileHash(args.pretrained_model_name_or_path)
+        phase = time.perf_counter()
         models = self.load_models(args, device, weight_dtype)
+        self._report_phase("models loaded", phase, accelerator)
+        phase = time.perf_counter()
         for group in (train_group, val_group):
             if group is not None:
                 self.cache(args, models, group, device)
+        self._report_phase("caching done", phase, accelerator)
+        phase = time.perf_counter()
         state = self.prepare_run(args, accelerator, device, weight_dtype, models, train_group, val_group)
+        self._report_phase("network built, models placed", phase, accelerator)
         self.loop(state)
         return self.finish(state)
+
+    @staticmethod
+    def _report_phase(what: str, since: float, accelerator) -> None:
+        """One line per setup phase with its duration: where the time before the first step goes."""
+        if accelerator.is_main_process:
+            print(f"{what} in {time.perf_counter() - since:.1f} s")
 
     def make_accelerator(self, args):
         from accelerate import Accelerator
@@ -342,7 +355,7 @@ class NetworkTrainer:
 
         # Each process (one per GPU) gets its own share of every epoch; the step counter the captions
         # see (token warm-up) is the optimizer step.
-        loader = group.loader(seed=args.seed, num_workers=args.max_data_loader_n_workers,
+        loader = group.loader(seed=args.seed, num_workers=data_loader_workers(args),
                               persistent_workers=args.persistent_data_loader_workers,
                               pin_memory=device.type == "cuda", num_processes=accelerator.num_processes,
                               process_index=accelerator.process_index,
@@ -456,6 +469,8 @@ class NetworkTrainer:
                     self.optimizer_step(state)
                     pending = 0
                     state.global_step += 1
+                    if state.global_step == 1 and acc.is_main_process:
+                        report_startup_time(state.device)
                     losses.push(state.global_step, loss * accum)
                     self.report_losses(state, losses.pop_ready(), recent, progress)
                     progress.update(1)
