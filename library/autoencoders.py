@@ -251,6 +251,10 @@ class GaussianMoments:
 # ---------------------------------------------------------------------------------------------
 # The autoencoder.
 
+# Tile size (latent pixels) for the out-of-memory retry: 512 image pixels a side.
+OOM_TILE_SIZE = 64
+
+
 class AutoEncoder(nn.Module):
     def __init__(self, config: AutoEncoderConfig):
         super().__init__()
@@ -261,8 +265,13 @@ class AutoEncoder(nn.Module):
             self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.z_channels, 1)
             self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
         self.slicing = False
-        self.tile_size: int | None = None      # latent pixels; None = decode in one piece
+        self.tile_size: int | None = None      # latent pixels; None = encode/decode in one piece
         self.tile_overlap: int = 8
+        # On CUDA, a one-piece encode/decode that runs out of memory is retried in tiles of this
+        # many latent pixels (None: let the error through). Large sample images and caching at
+        # high resolution then work on small cards instead of failing.
+        self.oom_tile_size: int | None = OOM_TILE_SIZE
+        self._told_about_tiles = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -281,8 +290,8 @@ class AutoEncoder(nn.Module):
         self.slicing = False
 
     def enable_tiling(self, tile_size: int = 64, tile_overlap: int = 8) -> None:
-        """Decode in overlapping latent tiles (blended linearly). Tiles see only their own
-        neighbourhood, so the result differs slightly from a one-piece decode."""
+        """Encode and decode in overlapping tiles (sizes in latent pixels; blended linearly).
+        Tiles see only their own neighbourhood, so the result differs slightly from one piece."""
         self.tile_size, self.tile_overlap = tile_size, tile_overlap
 
     def disable_tiling(self) -> None:
@@ -301,11 +310,22 @@ class AutoEncoder(nn.Module):
         if self.slicing and x.shape[0] > 1:
             parts = [self.encode_moments(xi) for xi in x.split(1)]
             return GaussianMoments(torch.cat([p.mean for p in parts]), torch.cat([p.logvar for p in parts]))
-        h = self.encoder(x.to(self.dtype))
-        if self.config.use_quant_conv:
-            h = self.quant_conv(h)
+        x = x.to(self.dtype)
+        scale = self.config.downscale
+
+        def tiled(tile: int, overlap: int) -> Tensor:
+            return run_tiled(self._encode_raw, x, tile * scale, overlap * scale, up=1, down=scale)
+
+        if self.tile_size is not None and max(x.shape[-2:]) > self.tile_size * scale:
+            h = tiled(self.tile_size, self.tile_overlap)
+        else:
+            h = self._tiles_on_oom("encode", x, lambda: self._encode_raw(x), tiled)
         mean, logvar = h.chunk(2, dim=1)
         return GaussianMoments(mean, logvar.clamp(-30.0, 20.0))
+
+    def _encode_raw(self, x: Tensor) -> Tensor:
+        h = self.encoder(x)
+        return self.quant_conv(h) if self.config.use_quant_conv else h
 
     def encode(self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
         """x (B, 3, H, W) in [-1, 1] -> scaled latents. `sample=True` draws from the posterior
@@ -322,9 +342,30 @@ class AutoEncoder(nn.Module):
         if self.slicing and latents.shape[0] > 1:
             return torch.cat([self.decode(z, tile_size, tile_overlap) for z in latents.split(1)])
         z = self.unscale_latents(latents).to(self.dtype)
+
+        def tiled(tile: int, overlap: int) -> Tensor:
+            return decode_tiled(self._decode_raw, z, tile, overlap, self.config.downscale)
+
         if tile_size is not None and max(z.shape[-2:]) > tile_size:
-            return decode_tiled(self._decode_raw, z, tile_size, tile_overlap, self.config.downscale)
-        return self._decode_raw(z)
+            return tiled(tile_size, tile_overlap)
+        return self._tiles_on_oom("decode", z, lambda: self._decode_raw(z), tiled)
+
+    def _tiles_on_oom(self, what: str, x: Tensor, one_piece, tiled) -> Tensor:
+        """one_piece(); if the GPU runs out of memory, tiled(oom_tile_size, overlap) instead, with
+        a note the first time."""
+        try:
+            return one_piece()
+        except torch.OutOfMemoryError:   # raised by the GPU allocators (the CPU's is a RuntimeError)
+            if self.oom_tile_size is None:
+                raise
+        if x.is_cuda:
+            torch.cuda.empty_cache()   # outside the except block: the failed attempt's tensors are freed
+        if not self._told_about_tiles:
+            print(f"note: out of GPU memory for a one-piece VAE {what} of {tuple(x.shape[-2:])}; using tiles of "
+                  f"{self.oom_tile_size} latent pixels from now on when needed (the seams differ slightly "
+                  "from a one-piece result)")
+            self._told_about_tiles = True
+        return tiled(self.oom_tile_size, min(self.tile_overlap, self.oom_tile_size // 4))
 
     def _decode_raw(self, z: Tensor) -> Tensor:
         if self.config.use_quant_conv:
@@ -356,25 +397,38 @@ def decode_tiled(decode_fn, z: Tensor, tile: int, overlap: int, scale: int) -> T
 
     A decoder that treats every pixel independently gives exactly the one-piece result, which
     is how the blending is tested."""
+    return run_tiled(decode_fn, z, tile, overlap, up=scale, down=1)
+
+
+def run_tiled(fn, x: Tensor, tile: int, overlap: int, *, up: int, down: int) -> Tensor:
+    """fn over overlapping tiles of x (tile and overlap in x's pixels), each output tile blended
+    into place with linear edge ramps; fn maps a (.., h, w) tile to (.., h*up/down, w*up/down)
+    (a decoder: up=8; an encoder: down=8, with tile, overlap and x's size multiples of 8)."""
     if not 0 <= overlap < tile:
         raise ValueError(f"tile overlap {overlap} must be in [0, tile size {tile})")
-    h, w = z.shape[-2:]
+    if any(n % down for n in (tile, overlap, *x.shape[-2:])):
+        raise ValueError(f"tile {tile}, overlap {overlap} and size {tuple(x.shape[-2:])} must be multiples of {down}")
+    h, w = x.shape[-2:]
+
+    def o(n: int) -> int:   # input pixels -> output pixels
+        return n * up // down
+
     stride = tile - overlap
     out = None
     weight_sum = None
     ys, xs = _tile_starts(h, tile, stride), _tile_starts(w, tile, stride)
     for y in ys:
-        for x in xs:
-            piece = decode_fn(z[..., y: y + tile, x: x + tile])
+        for x0 in xs:
+            piece = fn(x[..., y: y + tile, x0: x0 + tile])
             if out is None:
-                out = piece.new_zeros(piece.shape[:2] + (h * scale, w * scale))
-                weight_sum = piece.new_zeros((h * scale, w * scale))
+                out = piece.new_zeros(piece.shape[:2] + (o(h), o(w)))
+                weight_sum = piece.new_zeros((o(h), o(w)))
             ph, pw = piece.shape[-2:]
-            wy = _edge_ramp(ph, overlap * scale, y > 0, y + tile < h, piece)
-            wx = _edge_ramp(pw, overlap * scale, x > 0, x + tile < w, piece)
+            wy = _edge_ramp(ph, o(overlap), y > 0, y + tile < h, piece)
+            wx = _edge_ramp(pw, o(overlap), x0 > 0, x0 + tile < w, piece)
             weight = wy[:, None] * wx[None, :]
-            out[..., y * scale: y * scale + ph, x * scale: x * scale + pw] += piece * weight
-            weight_sum[y * scale: y * scale + ph, x * scale: x * scale + pw] += weight
+            out[..., o(y): o(y) + ph, o(x0): o(x0) + pw] += piece * weight
+            weight_sum[o(y): o(y) + ph, o(x0): o(x0) + pw] += weight
     return out / weight_sum
 
 
@@ -484,5 +538,5 @@ def describe_checkpoint(keys: Iterable[str]) -> str | None:
 
 __all__ = [
     "AutoEncoder", "AutoEncoderConfig", "GaussianMoments", "LatentScaling", "FLUX_AE_SCALING", "SD3_VAE_SCALING",
-    "SD_VAE_SCALING", "load_autoencoder", "load_flux_ae", "describe_checkpoint", "decode_tiled", "find_ae_prefix",
+    "SD_VAE_SCALING", "load_autoencoder", "load_flux_ae", "describe_checkpoint", "decode_tiled", "run_tiled", "find_ae_prefix",
 ]

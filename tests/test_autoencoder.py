@@ -13,6 +13,7 @@ from library.autoencoders import (
     AutoEncoder,
     AutoEncoderConfig,
     decode_tiled,
+    run_tiled,
     load_autoencoder,
     load_flux_ae,
 )
@@ -177,3 +178,51 @@ def test_flux_preset_values():
                 "decoder.up.1.upsample.conv.weight", "decoder.up.3.block.2.conv2.weight"):
         assert key in keys, key
     assert "encoder.down.3.downsample.conv.weight" not in keys and "decoder.up.0.upsample.conv.weight" not in keys
+
+
+def test_tiled_encoding_blends_exactly_for_a_pixelwise_encoder():
+    def pooled(x):  # each latent pixel depends only on its own 8x8 patch
+        return F.avg_pool2d(x, 8).repeat(1, 2, 1, 1)
+
+    x = torch.randn(2, 3, 168, 240)
+    tiled = run_tiled(pooled, x, tile=64, overlap=24, up=1, down=8)
+    assert tiled.shape == (2, 6, 21, 30)
+    assert torch.allclose(tiled, pooled(x), atol=1e-6)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        run_tiled(pooled, x, tile=60, overlap=24, up=1, down=8)
+
+
+@torch.no_grad()
+def test_tiled_encoding_on_the_real_encoder():
+    ae = random_autoencoder(seed=4).eval()
+    x = torch.rand(1, 3, 96, 128) * 2 - 1
+    full = ae.encode_moments(x).mean
+    ae.enable_tiling(tile_size=16, tile_overlap=4)            # covers the image: one piece
+    assert torch.equal(ae.encode_moments(x).mean, full)
+    ae.enable_tiling(tile_size=8, tile_overlap=4)
+    tiled = ae.encode_moments(x).mean
+    assert tiled.shape == full.shape and torch.isfinite(tiled).all()
+    assert (tiled - full).abs().mean() < full.abs().mean()
+
+
+@torch.no_grad()
+def test_out_of_memory_retries_in_tiles_once_noted(monkeypatch, capsys):
+    ae = random_autoencoder(seed=4).eval()
+    ae.oom_tile_size = 8
+    latents = torch.randn(1, 16, 12, 16)
+    expected = ae.decode(latents, tile_size=8, tile_overlap=2)
+    real = ae._decode_raw
+
+    def small_card(z):  # "runs out of memory" above 8x8 latent pixels
+        if max(z.shape[-2:]) > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(z)
+
+    monkeypatch.setattr(ae, "_decode_raw", small_card)
+    assert torch.equal(ae.decode(latents), expected)
+    assert "out of GPU memory for a one-piece VAE decode" in capsys.readouterr().out
+    ae.decode(latents)
+    assert capsys.readouterr().out == ""                       # said once
+    ae.oom_tile_size = None
+    with pytest.raises(torch.OutOfMemoryError):
+        ae.decode(latents)
