@@ -129,11 +129,8 @@ class ModulationOut:
     scale: Tensor
     gate: Tensor
 
-    def modulate(self, normed: Tensor) -> Tensor:
-        return (1 + self.scale) * normed + self.shift
-
     def norm_modulate(self, x: Tensor, norm: nn.LayerNorm) -> Tensor:
-        """modulate(norm(x)) in one fused kernel where it can (library/block_ops.py)."""
+        """(1 + scale) * norm(x) + shift, in one fused kernel where it can (library/block_ops.py)."""
         return modulated_layer_norm(x, self.shift, self.scale, norm.eps)
 
 

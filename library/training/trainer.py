@@ -436,6 +436,9 @@ class NetworkTrainer:
             print(placement.message)
         if args.torch_compile:
             compile_blocks(lists, args.dynamo_backend)
+            print(f"--torch_compile: {sum(len(b) for b in lists)} blocks compile ({args.dynamo_backend}) as they first run, "
+                  "so the first step takes longer (FLUX.1-dev on an H200: about 35 s, then 0.55 s per step against "
+                  "0.70-0.75 s without; docs/benchmarks.md)")
 
     # ---- the loop -----------------------------------------------------------------------------
     def loop(self, state: RunState) -> None:
@@ -456,6 +459,7 @@ class NetworkTrainer:
 
         state.network.train()
         accum = args.gradient_accumulation_steps
+        startup_reported = False
         for epoch in range(start_epoch, state.num_epochs):
             state.epoch = epoch
             pending = 0
@@ -469,8 +473,9 @@ class NetworkTrainer:
                     self.optimizer_step(state)
                     pending = 0
                     state.global_step += 1
-                    if state.global_step == 1 and acc.is_main_process:
+                    if not startup_reported and acc.is_main_process:   # this process's first step (resumes too)
                         report_startup_time(state.device)
+                    startup_reported = True
                     losses.push(state.global_step, loss * accum)
                     self.report_losses(state, losses.pop_ready(), recent, progress)
                     progress.update(1)
