@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One device call: everything that needs CUDA, logs to $OUT. Usage on the GPU machine:
-#   bash benchmarks/gpu_session.sh [base|features|all]
+#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|final|all]
 #     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 #     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
 #     families: full-size SD3.5 L, Lumina 2, Anima steps; GPU tests; the families' e2e tests on CUDA
 #     diagnose: FLUX step profile (GPU busy fraction, kernel time by kind), launch to first step at full
 #               size, --blocks_to_swap auto under 24 and 16 GiB caps
+#     steps:    GPU tests, FLUX step eager and compiled (both profiled), auto under 24 and 16 GiB caps
+#     final:    GPU tests, FLUX step plain / swap 18 / fp8, the other families' steps, launch, auto at 16 GiB
 set -uo pipefail
 WHAT=${1:-all}
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
