@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_common import (device_name, lora_optimizer, lora_training_step,  # noqa: E402
                                      profile_steps, time_steps, timing_fields)
 from flux_train_network import FluxNetworkTrainer  # noqa: E402
+from library import attention  # noqa: E402
 from library.flux.model import VARIANTS  # noqa: E402
 from library.training import memory  # noqa: E402
 from library.tiny.flux import build_flux_model, tiny_flux_params  # noqa: E402
@@ -88,6 +89,11 @@ def main() -> None:
     ap.add_argument("--cpu_offload_checkpointing", action="store_true")
     ap.add_argument("--fp8_matmul", default=memory.FP8_TRAINING_MATMUL, choices=["auto", "upcast", "scaled"],
                     help="with --fp8_base: scaled fp8 matmuls where they pay (auto), never, or always")
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "flash", "xformers"],
+                    help="attention backend (flash/xformers need their packages)")
+    ap.add_argument("--sdpa_kernels", default=None,
+                    help="with --attention sdpa: comma-separated kernel order, e.g. flash or cudnn,flash "
+                         "(default: cuDNN first, as the trainer)")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, profile 2 steps: GPU busy fraction, kernel time by kind, launches per step "
                          "(in the JSON line) and the top ops (stderr, or --profile_tables)")
@@ -99,6 +105,9 @@ def main() -> None:
 
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    attention.set_attention_backend(a.attention)
+    if a.sdpa_kernels:
+        attention.set_sdpa_kernel_order(a.sdpa_kernels.split(","))
     chroma = a.variant == "chroma"
     params = tiny_flux_params(a.variant) if a.tiny else VARIANTS[a.variant].params
     t0 = time.perf_counter()
@@ -183,7 +192,7 @@ def main() -> None:
         "model": ("tiny-" if a.tiny else "") + ("chroma" if chroma else "flux1-dev"),
         "train_text_encoders": a.train_text_encoders, "device": device_name(device),
         "size": a.size, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt, "compile": a.compile,
-        "blocks_to_swap": placement.blocks_to_swap, "memory_cap_gib": a.memory_cap_gib, "oom": False, "fp8_base": a.fp8_base, "cpu_offload_checkpointing": a.cpu_offload_checkpointing,
+        "attention": a.attention, "sdpa_kernels": a.sdpa_kernels, "blocks_to_swap": placement.blocks_to_swap, "memory_cap_gib": a.memory_cap_gib, "oom": False, "fp8_base": a.fp8_base, "cpu_offload_checkpointing": a.cpu_offload_checkpointing,
         "fp8": fp8_report, "fp8_matmul": a.fp8_matmul if a.fp8_base else None, "swap": placement.message,
         "fallback_loads": placement.swap.stats.fallback_loads if placement.swap else None,
         **timing_fields(times, device, build_s=build_s, flops_per_step=flops, peak_tflops=a.peak_tflops,

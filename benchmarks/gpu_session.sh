@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: everything that needs CUDA, logs to $OUT. Usage on the GPU machine:
-#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|final|all]
+#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|final|all]
 #     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 #     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
@@ -8,6 +8,7 @@
 #     diagnose: FLUX step profile (GPU busy fraction, kernel time by kind), launch to first step at full
 #               size, --blocks_to_swap auto under 24 and 16 GiB caps
 #     steps:    GPU tests, FLUX step eager and compiled (both profiled), auto under 24 and 16 GiB caps
+#     attention: FLUX step with each SDPA kernel first (cuDNN, flash, memory-efficient), flash-attn, xformers
 #     final:    GPU tests, FLUX step plain / swap 18 / fp8, the other families' steps, launch, auto at 16 GiB
 set -uo pipefail
 WHAT=${1:-all}
@@ -15,6 +16,19 @@ OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch,transformers,accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)" | tee -a "$OUT/gpu.txt"
+
+if [ "$WHAT" = attention ]; then
+  echo "== FLUX.1-dev step per SDPA kernel (and flash-attn / xformers when installed)"
+  for k in cudnn flash efficient; do
+    timeout 80 python3 benchmarks/bench_flux_train.py --device cuda --steps 15 --sdpa_kernels $k 2>&1 | tail -1 \
+      | tee -a "$OUT/attention.jsonl"
+  done
+  for backend in flash xformers; do
+    timeout 80 python3 benchmarks/bench_flux_train.py --device cuda --steps 15 --attention $backend 2>&1 | tail -1 \
+      | tee -a "$OUT/attention.jsonl"
+  done
+  exit 0
+fi
 
 if [ "$WHAT" = final ]; then
   echo "== GPU tests"
