@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,9 +26,9 @@ from library.anima.sampling import SIZE_MULTIPLE, AnimaConditioning, generate_im
 from library.anima.text import AnimaTextEncoding, AnimaTextOutputs
 from library.anima.vae import load_qwen_image_vae
 from library.errors import ConfigError
-from library.inference_common import DTYPES, default_device, load_lora, lora_multiplier, run, save_image
+from library.inference_common import (DTYPES, default_device, image_output_path, load_lora, lora_multiplier, run,
+                                      save_image)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,14 +118,6 @@ def apply_loras(specs: list[tuple[str, float]], dit, text: AnimaTextEncoding, va
     return networks
 
 
-def output_path(save_path: str | None, seed: int | None) -> Path:
-    stamp = time.strftime("%Y%m%d%H%M%S") + (f"_{seed}" if seed is not None else "")
-    if save_path is None:
-        return Path(f"anima_{stamp}.png")
-    path = Path(save_path)
-    return path if path.suffix.lower() in IMAGE_SUFFIXES else path / f"anima_{stamp}.png"
-
-
 @torch.no_grad()
 def generate(args: argparse.Namespace) -> Path:
     check_anima_arguments(args, training=False)
@@ -162,7 +153,7 @@ def generate(args: argparse.Namespace) -> Path:
     image = generate_image(dit, vae, conditioning(0), neg=conditioning(1) if use_cfg else None, width=width,
                            height=height, steps=args.infer_steps, cfg_scale=args.guidance_scale,
                            flow_shift=args.flow_shift, seed=args.seed)
-    return save_image(image, output_path(args.save_path, args.seed))
+    return save_image(image, image_output_path(args.save_path, args.seed, "anima"))
 
 
 def main(argv: list[str] | None = None) -> int:

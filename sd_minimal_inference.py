@@ -20,21 +20,20 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from library.errors import ConfigError, ModelFileError
-from library.inference_common import DTYPES, default_device, load_lora, parse_lora_arg, run, save_image
+from library.inference_common import (DTYPES, default_device, image_output_path, load_lora, parse_lora_arg, run,
+                                      save_image)
 from library.sd import sampling as sd_sampling
 from library.sd.loading import SDCheckpointInfo, inspect_sd_checkpoint, load_sd_model
 from library.sd.model import SDUNet
 from library.sd.text import build_text_encoding
 
 MAX_TOKEN_LENGTHS = (150, 225)     # as train_network.py's --max_token_length
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,16 +214,6 @@ def apply_loras(specs: list[LoraSpec], unet: SDUNet, text_encoder, info: SDCheck
 # ---------------------------------------------------------------------------------------------
 # Generating.
 
-def output_path(out: str | None, seed: int | None) -> Path:
-    stamp = time.strftime("%Y%m%d%H%M%S") + (f"_{seed}" if seed is not None else "")
-    if out is None:
-        return Path(f"sd_{stamp}.png")
-    path = Path(out)
-    if path.is_dir() or path.suffix.lower() not in IMAGE_SUFFIXES:
-        return path / f"sd_{stamp}.png"
-    return path
-
-
 @torch.no_grad()
 def generate(args: argparse.Namespace) -> Path:
     specs, info = check_args(args)
@@ -255,7 +244,7 @@ def generate(args: argparse.Namespace) -> Path:
                                        width=args.width, height=args.height, steps=args.steps, scale=args.cfg_scale,
                                        seed=args.seed, sampler=args.sampler, v_prediction=args.v_parameterization,
                                        device=device)
-    return save_image(image, output_path(args.out, args.seed))
+    return save_image(image, image_output_path(args.out, args.seed, "sd"))
 
 
 def main(argv: list[str] | None = None) -> int:

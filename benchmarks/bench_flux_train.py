@@ -140,8 +140,7 @@ def main() -> None:
     network.to(device)
     if a.memory_cap_gib or a.blocks_to_swap == "auto":
         # As in the trainer: the DiT arrives from the CPU, and 'auto' reads what is free then.
-        dit.to("cpu")
-        network.to(device)
+        dit.to("cpu")   # the LoRA is not part of the DiT's modules: it stays on the GPU
         torch.cuda.empty_cache()
     if a.memory_cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory

@@ -319,7 +319,9 @@ class AutoEncoder(nn.Module):
         if self.tile_size is not None and max(x.shape[-2:]) > self.tile_size * scale:
             h = tiled(self.tile_size, self.tile_overlap)
         else:
-            h = self._tiles_on_oom("encode", x, lambda: self._encode_raw(x), tiled)
+            # tiles must cut the image on latent-pixel borders
+            can_tile = all(n % scale == 0 for n in x.shape[-2:])
+            h = self._tiles_on_oom("encode", x, lambda: self._encode_raw(x), tiled if can_tile else None)
         mean, logvar = h.chunk(2, dim=1)
         return GaussianMoments(mean, logvar.clamp(-30.0, 20.0))
 
@@ -352,11 +354,11 @@ class AutoEncoder(nn.Module):
 
     def _tiles_on_oom(self, what: str, x: Tensor, one_piece, tiled) -> Tensor:
         """one_piece(); if the GPU runs out of memory, tiled(oom_tile_size, overlap) instead, with
-        a note the first time."""
+        a note the first time (tiled None: the error goes through)."""
         try:
             return one_piece()
         except torch.OutOfMemoryError:   # raised by the GPU allocators (the CPU's is a RuntimeError)
-            if self.oom_tile_size is None:
+            if self.oom_tile_size is None or tiled is None:
                 raise
         if x.is_cuda:
             torch.cuda.empty_cache()   # outside the except block: the failed attempt's tensors are freed

@@ -18,7 +18,8 @@ same math in fewer, fused kernels:
 - `modulated_rms_norm`: RMSNorm(x) * (1 + scale) as one fused RMSNorm whose weight carries the
   modulation when one sample's scale serves every token (Lumina);
 - `rotate_halves`: RoPE in the rotate-half convention (channel j with j + D/2; Anima) as one
-  complex multiply, the halves paired up by the float32 copy.
+  complex multiply, the halves paired up by the float32 copy (the plain formula under
+  torch.compile, as for `rotate_pairs`).
 
 Norms run with autocast off, in the input's dtype: the kernels accumulate in float32 anyway.
 """
@@ -57,15 +58,17 @@ def rotate_pairs(x: Tensor, freqs: Tensor) -> Tensor:
     return rotated.reshape(x.shape).type_as(x)
 
 
-def modulated_layer_norm(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
-    """(1 + scale) * LayerNorm(x) + shift (no affine of its own); x (B, L, D), shift and scale
-    (B, 1, D). Runs in x's dtype."""
+def modulated_layer_norm(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    """(1 + scale) * LayerNorm(x) + shift (no affine of its own; shift None: no shift); x (B, L, D),
+    shift and scale (B, 1, D). Runs in x's dtype."""
     d = x.shape[-1]
     with _no_autocast(x):
-        gain, shift = (1 + scale).to(x.dtype), shift.to(x.dtype)
+        gain = (1 + scale).to(x.dtype)
+        shift = None if shift is None else shift.to(x.dtype)
         if gain.shape[0] == 1 and gain.numel() == d:
-            return F.layer_norm(x, (d,), gain.reshape(d), shift.reshape(d), eps)
-        return torch.addcmul(shift, F.layer_norm(x, (d,), None, None, eps), gain)
+            return F.layer_norm(x, (d,), gain.reshape(d), None if shift is None else shift.reshape(d), eps)
+        normed = F.layer_norm(x, (d,), None, None, eps)
+        return normed * gain if shift is None else torch.addcmul(shift, normed, gain)
 
 
 def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
@@ -90,12 +93,6 @@ def modulated_rms_norm(x: Tensor, weight: Tensor | None, scale: Tensor, eps: flo
     return rms_norm(x.to(torch.promote_types(x.dtype, gain.dtype)), gain if weight is None else weight * gain, eps)
 
 
-def rope_half_freqs(cos: Tensor, sin: Tensor) -> Tensor:
-    """cos/sin (L, D) of the rotate-half convention (the halves repeat) -> complex64 (L, 1, D/2)."""
-    half = cos.shape[-1] // 2
-    return torch.complex(cos[:, :half].float(), sin[:, :half].float())[:, None, :]
-
-
 def _contiguous(t: Tensor, dtype: torch.dtype) -> Tensor:
     """t as a contiguous tensor of `dtype`, in one copy (`to` returns a strided t as-is when the
     dtype already matches)."""
@@ -103,12 +100,18 @@ def _contiguous(t: Tensor, dtype: torch.dtype) -> Tensor:
     return out if out.is_contiguous() else out.contiguous()
 
 
-def rotate_halves(x: Tensor, freqs: Tensor) -> Tensor:
-    """Rotate-half RoPE (x * cos + cat(-x2, x1) * sin, as Anima's `apply_rope`) as one complex
-    multiply in float32: (x_j + i x_{j+D/2}) (cos + i sin) for
-    x (B, L, H, D) and freqs from `rope_half_freqs`; the halves are gathered into pairs by the
-    float32 copy and put back by the copy to x's dtype (three kernels instead of five)."""
+def rotate_halves(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE (channel j pairs with j + D/2): x * cos + cat(-x2, x1) * sin for
+    x (B, L, H, D) and cos/sin (L, D) whose halves repeat, returned in x's dtype. Eager: one
+    complex multiply in float32, (x_j + i x_{j+D/2}) (cos + i sin), the halves gathered into
+    pairs by the float32 copy and put back by the copy to x's dtype; under torch.compile the
+    plain formula (in x's dtype, as the reference)."""
+    if torch.compiler.is_compiling():
+        cos, sin = cos.to(x.dtype)[None, :, None, :], sin.to(x.dtype)[None, :, None, :]
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
     half = x.shape[-1] // 2
+    freqs = torch.complex(cos[:, :half].float(), sin[:, :half].float())[:, None, :]   # (L, 1, D/2)
     pairs = _contiguous(x.unflatten(-1, (2, half)).transpose(-1, -2), torch.float32)
     rotated = torch.view_as_real(torch.view_as_complex(pairs) * freqs)
     return _contiguous(rotated.transpose(-1, -2), x.dtype).flatten(-2)

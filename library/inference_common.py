@@ -9,6 +9,7 @@ so nothing here knows a family.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -56,6 +57,20 @@ def load_lora(create_network_from_weights: Callable[..., Any], path: str, multip
         network.set_multiplier(multiplier)
         network.to(device)
     return network
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def image_output_path(out: str | None, seed: int | None, prefix: str) -> Path:
+    """Where an image goes: `out` when it names an image file; else a time-stamped
+    `<prefix>_<time>[_<seed>].png` in the folder `out` (or in the current folder)."""
+    stamp = time.strftime("%Y%m%d%H%M%S") + (f"_{seed}" if seed is not None else "")
+    name = f"{prefix}_{stamp}.png"
+    if out is None:
+        return Path(name)
+    path = Path(out)
+    return path / name if path.is_dir() or path.suffix.lower() not in IMAGE_SUFFIXES else path
 
 
 def save_image(image: Any, path: Path) -> Path:

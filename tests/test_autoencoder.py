@@ -226,3 +226,23 @@ def test_out_of_memory_retries_in_tiles_once_noted(monkeypatch, capsys):
     ae.oom_tile_size = None
     with pytest.raises(torch.OutOfMemoryError):
         ae.decode(latents)
+
+
+@torch.no_grad()
+def test_encode_out_of_memory_tiles_only_on_latent_pixel_borders(monkeypatch):
+    ae = random_autoencoder(seed=4).eval()
+    ae.oom_tile_size = 4                                       # 32 image pixels
+    real = ae._encode_raw
+
+    def small_card(x):
+        if max(x.shape[-2:]) > 32:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(x)
+
+    x = torch.rand(1, 3, 64, 48) * 2 - 1
+    expected = ae.encode_moments(x)
+    monkeypatch.setattr(ae, "_encode_raw", small_card)
+    tiled = ae.encode_moments(x).mean
+    assert tiled.shape == expected.mean.shape and torch.isfinite(tiled).all()
+    with pytest.raises(torch.OutOfMemoryError):                # 60 is not a multiple of 8: no tiles
+        ae.encode_moments(torch.rand(1, 3, 60, 48))

@@ -69,6 +69,13 @@ def test_modulated_layer_norm_equals_the_formula(batch, mod_batch):
     assert_same(lambda x, sh, sc: block_ops.modulated_layer_norm(x, sh, sc, 1e-6), plain, x, shift, scale)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_modulated_layer_norm_without_shift(batch):
+    x, scale = torch.randn(batch, 6, 32), 0.1 * torch.randn(batch, 1, 32)
+    assert_same(lambda x, sc: block_ops.modulated_layer_norm(x, None, sc, 1e-6),
+                lambda x, sc: (1 + sc) * F.layer_norm(x, (32,), eps=1e-6), x, scale)
+
+
 def test_modulated_layer_norm_runs_in_the_activation_dtype_under_autocast():
     # autocast would run layer_norm in float32 and hand a float32 copy to the next Linear
     x = torch.randn(1, 4, 16, dtype=torch.bfloat16)
@@ -131,4 +138,4 @@ def test_rotate_halves_equals_the_rotate_half_formula():
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos[None, :, None] + torch.cat((-x2, x1), dim=-1) * sin[None, :, None]
 
-    assert_same(lambda x: block_ops.rotate_halves(x, block_ops.rope_half_freqs(cos, sin)), plain, x)
+    assert_same(lambda x: block_ops.rotate_halves(x, cos, sin), plain, x)

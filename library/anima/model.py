@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from library.anima.llm_adapter import LLMAdapter, LLMAdapterParams
 from library.attention import attention, attention_per_sample
 from library.block_checkpointing import BlockCheckpointing
-from library.block_ops import gated_residual, modulated_layer_norm, rms_norm, rope_half_freqs, rotate_halves
+from library.block_ops import gated_residual, modulated_layer_norm, rms_norm, rotate_halves
 
 
 @dataclass(frozen=True)
@@ -107,16 +107,6 @@ def rope3d_angles(head_dim: int, t: int, h: int, w: int, extrapolation: tuple[fl
     return torch.cat((grid, grid), dim=-1).reshape(t * h * w, head_dim)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, L, H, D) rotated with the rotate-half convention (channel j pairs with j + D/2);
-    cos/sin (L, D), cast to x's dtype. The plain formula: what runs under torch.compile (inductor
-    fuses it); eager code uses `rotate_halves`, the same rotation in three kernels."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
-
-
 # ---------------------------------------------------------------------------------------------
 # Layers (checkpoint names).
 
@@ -157,11 +147,7 @@ class Attention(nn.Module):
         k = self.k_norm(rearrange(self.k_proj(context), "b l (h d) -> b l h d", d=self.head_dim))
         v = rearrange(self.v_proj(context), "b l (h d) -> b l h d", d=self.head_dim)
         if self.is_self_attention and rope is not None:
-            if torch.compiler.is_compiling():  # inductor fuses the plain form and handles complex poorly
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            else:
-                freqs = rope_half_freqs(*rope)
-                q, k = rotate_halves(q, freqs), rotate_halves(k, freqs)
+            q, k = rotate_halves(q, *rope), rotate_halves(k, *rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         out = (attention_per_sample if self.split_attn else attention)(q, k, v)
         return self.output_proj(rearrange(out, "b h l d -> b l (h d)"))

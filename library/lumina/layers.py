@@ -142,5 +142,4 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, adaln_input: Tensor) -> Tensor:
         scale = self.adaLN_modulation(adaln_input).unsqueeze(1)
-        # LayerNorm(x) * (1 + scale): no shift, so a zero one (the fused kernel's bias, or addcmul's)
-        return self.linear(modulated_layer_norm(x, torch.zeros_like(scale), scale, self.norm_final.eps))
+        return self.linear(modulated_layer_norm(x, None, scale, self.norm_final.eps))   # no shift in Lumina
