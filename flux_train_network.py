@@ -101,7 +101,8 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
 
     # ---- models -------------------------------------------------------------------------------
     def load_models(self, args, device, weight_dtype) -> FamilyModels:
-        where = memory.load_device(args, device)
+        where = memory.load_device(args, device, [args.pretrained_model_name_or_path, args.ae, args.t5xxl,
+                                                  args.clip_l if args.model_type == "flux" else None])
         dit, info = load_flux_dit(args.pretrained_model_name_or_path, model_type=args.model_type,
                                   device=where, dtype=weight_dtype)
         if args.t5xxl_max_token_length is None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: everything that needs CUDA, logs to $OUT. Usage on the GPU machine:
-#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|final|all]
+#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|final|all]
 #     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 #     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
@@ -9,6 +9,7 @@
 #               size, --blocks_to_swap auto under 24 and 16 GiB caps
 #     steps:    GPU tests, FLUX step eager and compiled (both profiled), auto under 24 and 16 GiB caps
 #     attention: FLUX step with each SDPA kernel first (cuDNN, flash, memory-efficient), flash-attn, xformers
+#     probe:    straight-to-GPU read tests, FLUX eager profile, launch + loading routes, fp8 auto/upcast, SDPA flash
 #     final:    GPU tests, FLUX step plain / swap 18 / fp8, the other families' steps, launch, auto at 16 GiB
 set -uo pipefail
 WHAT=${1:-all}
@@ -16,6 +17,24 @@ OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch,transformers,accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)" | tee -a "$OUT/gpu.txt"
+
+if [ "$WHAT" = probe ]; then
+  echo "== GPU tests: straight-to-GPU reads"
+  timeout 60 python3 -m pytest -q -m gpu tests/test_device_reader.py -p no:randomly 2>&1 | tail -2 | tee "$OUT/gpu_tests.log"
+  echo "== FLUX.1-dev step, eager, profiled (top kernels in prof_eager.txt)"
+  timeout 90 python3 benchmarks/bench_flux_train.py --device cuda --steps 12 --profile \
+    --profile_tables "$OUT/prof_eager.txt" 2>/dev/null | tail -1 | tee -a "$OUT/probe.jsonl"
+  echo "== launch to first step, then loading routes, on the full-size set"
+  timeout 200 python3 benchmarks/bench_launch.py --models /tmp/flux_full --runs 1 --log "$OUT/launch_log.txt" \
+    2>&1 | tail -1 | tee -a "$OUT/probe.jsonl"
+  timeout 100 python3 benchmarks/bench_load.py --models /tmp/flux_full 2>&1 | tail -1 | tee -a "$OUT/probe.jsonl"
+  rm -rf /tmp/flux_full
+  echo "== fp8: scaled matmul where it pays (auto) vs upcast; SDPA flash first vs cuDNN first"
+  for extra in "--fp8_base --fp8_matmul auto" "--fp8_base --fp8_matmul upcast" "--sdpa_kernels flash"; do
+    timeout 70 python3 benchmarks/bench_flux_train.py --device cuda --steps 12 $extra 2>&1 | tail -1 | tee -a "$OUT/probe.jsonl"
+  done
+  exit 0
+fi
 
 if [ "$WHAT" = attention ]; then
   echo "== FLUX.1-dev step per SDPA kernel (and flash-attn / xformers when installed)"

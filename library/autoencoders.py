@@ -480,7 +480,7 @@ def load_autoencoder(path: str | os.PathLike, scaling: LatentScaling, device: st
     if missing:
         raise ModelFileError(f"{path}: the autoencoder is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}. "
                              "The file is incomplete or of another layout.")
-    tensors = load_file(path, keys=keys)
+    tensors = load_file(path, device=device, keys=keys)
     state = {}
     for k, t in tensors.items():
         # Without a requested dtype keep the file's; an 8-bit float file is widened to float32.

@@ -70,10 +70,11 @@ def set_mmap_loading(enabled: bool) -> None:
 def load_file(path: str | os.PathLike, device: str | torch.device = "cpu",
               keys: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Load tensors (memory-mapped on CPU: pages are read on first touch; plain reads after
-    `set_mmap_loading(False)`)."""
+    `set_mmap_loading(False)`). To a CUDA device they are read straight into GPU memory through
+    pinned staging buffers (library/device_reader.py), with no CPU copy."""
     header = read_header(path)  # a clear error for missing or corrupt files
-    if not _use_mmap:
-        return _load_with_reads(path, header, device, keys)
+    if torch.device(device).type == "cuda" or not _use_mmap:
+        return _read_direct(path, header, device, keys)
     out = {}
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         for k in keys if keys is not None else f.keys():
@@ -81,23 +82,37 @@ def load_file(path: str | os.PathLike, device: str | torch.device = "cpu",
     return out
 
 
-def _load_with_reads(path, header: dict, device, keys: list[str] | None) -> dict[str, torch.Tensor]:
+def _data_start(path) -> int:
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        out = {}
-        for k in keys if keys is not None else [k for k in header if k != "__metadata__"]:
-            info = header[k]
-            if info["dtype"] not in _DTYPES:
-                raise ModelFileError(f"{path}: tensor {k} has dtype {info['dtype']}, which is not supported.")
-            start, end = info["data_offsets"]
-            dtype, shape = _DTYPES[info["dtype"]], tuple(info["shape"])
-            if end == start:
-                out[k] = torch.empty(shape, dtype=dtype, device=device)
-                continue
-            f.seek(8 + n + start)
-            data = bytearray(f.read(end - start))
-            out[k] = torch.frombuffer(data, dtype=dtype).reshape(shape).to(device)
-    return out
+        return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
+def _entry(path, header: dict, key: str, data_start: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one tensor, absolute file offsets."""
+    if key not in header or key == "__metadata__":
+        raise ModelFileError(f"{path}: tensor {key} is missing. The file is incomplete or of another model; "
+                             "re-download it.")
+    info = header[key]
+    if info["dtype"] not in _DTYPES:
+        raise ModelFileError(f"{path}: tensor {key} has dtype {info['dtype']}, which is not supported.")
+    start, end = info["data_offsets"]
+    return _DTYPES[info["dtype"]], tuple(info["shape"]), data_start + start, data_start + end
+
+
+def _read_direct(path, header: dict, device, keys: list[str] | None) -> dict[str, torch.Tensor]:
+    """library/device_reader.py's reads: into GPU memory through pinned buffers, or plain reads
+    into CPU tensors."""
+    from library.device_reader import read_tensors
+
+    start = _data_start(path)
+    keys = keys if keys is not None else [k for k in header if k != "__metadata__"]
+    size = os.path.getsize(path)
+    entries = {k: _entry(path, header, k, start) for k in keys}
+    for k, (_, _, _, end) in entries.items():
+        if end > size:
+            raise ModelFileError(f"{path}: tensor {k} lies past the end of the file ({size} bytes): the download is "
+                                 "incomplete; re-download it.")
+    return read_tensors(path, entries, torch.device(device))
 
 
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,

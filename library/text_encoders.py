@@ -195,15 +195,23 @@ def load_clip_l(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     wanted = set(model.state_dict())
     keys = [prefix + k for k in shapes if k in wanted]
     _check_complete(path, wanted, {k[len(prefix):] for k in keys}, "CLIP text encoder")
-    tensors = load_file(path, keys=keys)
+    tensors = load_file(path, device=device, keys=keys)
     target = _compute_dtype(_torch_dtype(raw[prefix + _CLIP_ANCHOR][1]), dtype)
-    state = {k[len(prefix):]: t.to(device=device, dtype=target) for k, t in tensors.items()}
+    state = {k[len(prefix):]: t.to(dtype=target) for k, t in _popping(tensors)}
     model.load_state_dict(state, assign=True, strict=True)
     return model.to(device).eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------
 # CLIP with its text projection (SD3: CLIP-L and CLIP-G, OpenCLIP ViT-bigG).
+
+def _popping(tensors: dict[str, torch.Tensor]):
+    """(key, tensor) pairs, each dropped from `tensors` as it is handed out: a dtype cast then
+    replaces the loaded tensor instead of doubling the memory (on the GPU too) until the end."""
+    while tensors:
+        key = next(iter(tensors))
+        yield key, tensors.pop(key)
+
 
 def clip_g_config(**overrides):
     from transformers import CLIPTextConfig
@@ -242,7 +250,7 @@ def _load_clip_with_projection(path, config_fn, expected: str, prefer: str, devi
         got.add("text_projection.weight")
     _check_complete(path, wanted, got, "CLIP text encoder")
     target = _compute_dtype(_torch_dtype(raw[prefix + _CLIP_ANCHOR][1]), dtype)
-    state = {k[len(prefix):]: t.to(device=device, dtype=target) for k, t in load_file(path, keys=keys).items()}
+    state = {k[len(prefix):]: t.to(dtype=target) for k, t in _popping(load_file(path, device=device, keys=keys))}
     if projection is None:
         state["text_projection.weight"] = torch.eye(width, device=device, dtype=target)
     model.load_state_dict(state, assign=True, strict=True)
@@ -298,14 +306,14 @@ def load_t5xxl(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     model = _build_without_weights(T5EncoderModel, config)
     wanted = set(model.state_dict())
     file_keys = [prefix + k for k in shapes if k in wanted or k == embed_key]
-    tensors = {k[len(prefix):]: t for k, t in load_file(path, keys=file_keys).items()}
+    tensors = {k[len(prefix):]: t for k, t in load_file(path, device=device, keys=file_keys).items()}
     embedding = tensors.pop(embed_key)
     tensors.pop("shared.weight", None)
     tensors.pop("encoder.embed_tokens.weight", None)
 
     compute = _compute_dtype(_torch_dtype(raw[prefix + _T5_ANCHOR][1]), dtype)
     state = {}
-    for k, t in tensors.items():
+    for k, t in _popping(tensors):
         if fp8_storage and _is_block_matrix(k):
             target = torch.float8_e4m3fn
         elif compute == torch.float16 and ".DenseReluDense.wo." in k:

@@ -99,3 +99,24 @@ def test_option_checks_and_implied_options():
     with pytest.raises(ConfigError, match="computes in the mixed-precision dtype"):
         memory.check_memory_args(base_args(fp8_base=True, mixed_precision="no"))
 
+
+
+def test_models_load_straight_to_the_gpu_only_when_all_files_fit(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    files = []
+    for name, size in (("dit", 3000), ("t5", 1000)):
+        (tmp_path / name).write_bytes(b"\0" * size)
+        files.append(str(tmp_path / name))
+    cuda = torch.device("cuda")
+    args = SimpleNamespace(lowram=False, blocks_to_swap=None)
+    monkeypatch.setattr(memory, "LOAD_TO_GPU_RESERVE_BYTES", 500)
+    monkeypatch.setattr(memory, "cuda_allocatable_bytes", lambda device: 4500)
+    assert memory.load_device(args, cuda, files + [None]) == cuda           # 4000 + 500 fit
+    monkeypatch.setattr(memory, "cuda_allocatable_bytes", lambda device: 4499)
+    assert memory.load_device(args, cuda, files) == "cpu"
+    monkeypatch.setattr(memory, "cuda_allocatable_bytes", lambda device: 10**12)
+    assert memory.load_device(SimpleNamespace(lowram=False, blocks_to_swap=4), cuda, files) == "cpu"   # swap: CPU copies
+    assert memory.load_device(args, cuda, [str(tmp_path)]) == "cpu"        # a folder is not sized: the CPU route
+    assert memory.load_device(args, torch.device("cpu"), files) == "cpu"
+    assert memory.load_device(SimpleNamespace(lowram=True, blocks_to_swap=4), cuda, files) == cuda
