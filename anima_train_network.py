@@ -263,7 +263,7 @@ class AnimaNetworkTrainer(FlowMatchingTrainer):
 
     def text_encoding(self, args, models, device):
         text = models.extra["text"]
-        text.qwen3.to(device)
+        memory.place(text.qwen3, device)
         return AnimaTextCacheEncoder(text)
 
     def encode_text_for_training(self, args, models, captions, cached, trained, device):

@@ -18,7 +18,7 @@ import torch
 from library.errors import ConfigError
 from library.offload import estimate_activation_bytes, resolve_deprecated_swap_options
 from library.flux import sampling as flux_sampling
-from library.flux.loading import load_flux_dit
+from library.flux.loading import check_flux_checkpoint, load_flux_dit
 from library.flux.text import FluxTextCacheEncoder, FluxTextEncoding, FluxTextOutputs
 from library.autoencoders import load_flux_ae
 from library.latent_cache import LatentCacheAdapter
@@ -103,16 +103,19 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
     def load_models(self, args, device, weight_dtype) -> FamilyModels:
         where = memory.load_device(args, device, [args.pretrained_model_name_or_path, args.ae, args.t5xxl,
                                                   args.clip_l if args.model_type == "flux" else None])
-        dit, info = load_flux_dit(args.pretrained_model_name_or_path, model_type=args.model_type,
-                                  device=where, dtype=weight_dtype)
+        variant = check_flux_checkpoint(args.pretrained_model_name_or_path, args.model_type).variant  # a wrong file fails now
+        # the DiT's reads run beside the text encoders' loading (mostly Python: imports, module building)
+        dit_job = memory.load_beside(load_flux_dit, where, args.pretrained_model_name_or_path,
+                                     model_type=args.model_type, device=where, dtype=weight_dtype)
         if args.t5xxl_max_token_length is None:
-            args.t5xxl_max_token_length = 256 if info.variant == "schnell" else 512
+            args.t5xxl_max_token_length = 256 if variant == "schnell" else 512
         ae = load_flux_ae(args.ae, device=where, dtype=weight_dtype)
         text = FluxTextEncoding.from_files(
             clip_l_path=args.clip_l if args.model_type == "flux" else None, t5xxl_path=args.t5xxl,
             t5_max_length=args.t5xxl_max_token_length, apply_t5_attn_mask=args.apply_t5_attn_mask,
             tokenizer_cache_dir=args.tokenizer_cache_dir, device=where, dtype=weight_dtype,
             t5_fp8_storage=args.fp8_base and not args.fp8_base_unet)
+        dit, info = dit_job.result()
         return FamilyModels(denoiser=dit, text_encoders=[text.clip_l, text.t5], vae=ae, info=info,
                             extra={"text": text})
 
@@ -128,7 +131,7 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
         text = models.extra["text"]
         for encoder in (text.clip_l, text.t5):
             if encoder is not None:
-                encoder.to(device)
+                memory.place(encoder, device)
         return FluxTextCacheEncoder(text)
 
     def encode_text_for_training(self, args, models, captions, cached, trained, device):

@@ -167,7 +167,7 @@ class LuminaNetworkTrainer(FlowMatchingTrainer):
 
     def text_encoding(self, args, models, device):
         text: LuminaTextEncoding = models.extra["text"]
-        text.gemma2.to(device)
+        memory.place(text.gemma2, device)
         return LuminaTextCacheEncoder(text)
 
     @staticmethod

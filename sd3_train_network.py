@@ -180,7 +180,7 @@ class SD3NetworkTrainer(NetworkTrainer):
     def text_encoding(self, args, models, device):
         for encoder in models.text_encoders:
             if encoder is not None:
-                encoder.to(device)
+                memory.place(encoder, device)
         return SD3TextCacheEncoder(models.extra["text"])
 
     def prepare_run(self, args, accelerator, device, weight_dtype, models, group, val_group=None):

@@ -170,7 +170,7 @@ class SDNetworkTrainer(NetworkTrainer):
         return self._latent_encoder
 
     def text_encoding(self, args, models, device):
-        models.text_encoders[0].to(device)
+        memory.place(models.text_encoders[0], device)
         return SDTextCacheEncoder(models.extra["text"])
 
     def encode_text_for_training(self, args, models, captions, cached, trained, device):

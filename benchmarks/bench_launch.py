@@ -121,12 +121,30 @@ def timed_run(cmd: list[str], log) -> dict:
     return {"rc": rc, "first_step_after_launch_s": first_step, "wall_s": round(time.perf_counter() - start, 1)}
 
 
+def warm_page_cache(files: list[Path]) -> None:
+    for path in files:
+        with open(path, "rb") as f:
+            while f.read(256 * 2**20):
+                pass
+
+
+def write_top_functions(stats: Path, out: Path, rows: int = 60) -> None:
+    import io
+    import pstats
+
+    text = io.StringIO()
+    pstats.Stats(str(stats), stream=text).sort_stats("cumulative").print_stats(rows)
+    out.write_text(text.getvalue())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", type=Path, default=Path("/tmp/flux_full"))
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--log", type=Path, default=Path("launch_log.txt"))
     ap.add_argument("--tiny", action="store_true", help="tiny models at 64x64 (checks the script on a CPU)")
+    ap.add_argument("--cprofile", type=Path, default=None,
+                    help="one more run under cProfile: its top functions by cumulative time go to this file")
     a = ap.parse_args()
     t0 = time.perf_counter()
     paths = write_tiny_set(a.models) if a.tiny else write_full_size_set(a.models)
@@ -142,10 +160,19 @@ def main() -> None:
     results = []
     with open(a.log, "w") as log:
         for i in range(a.runs):
+            warm_page_cache([paths[k] for k in ("dit", "t5xxl", "clip_l", "ae")])   # TARGETS.md: files cached
             log.write(f"==== run {i + 1}\n")
             run_dir = a.models / f"run{i}"
             run_dir.mkdir(exist_ok=True)
             results.append(timed_run(trainer_command(paths, data, run_dir, resolution), log))
+        if a.cprofile:
+            log.write("==== run under cProfile\n")
+            run_dir = a.models / "run_cprofile"
+            run_dir.mkdir(exist_ok=True)
+            cmd = trainer_command(paths, data, run_dir, resolution)
+            stats = run_dir / "trainer.pstats"
+            results.append(timed_run([cmd[0], "-m", "cProfile", "-o", str(stats), *cmd[1:]], log) | {"cprofile": True})
+            write_top_functions(stats, a.cprofile)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(json.dumps({"bench": "launch_to_first_step", "model": "tiny" if a.tiny else "flux1-dev", "device": device,
                       "torch": torch.__version__, "write_models_s": round(write_s, 1), "runs": results}))

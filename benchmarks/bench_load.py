@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_launch import write_full_size_set, write_tiny_set  # noqa: E402
+from benchmarks.bench_launch import warm_page_cache, write_full_size_set, write_tiny_set  # noqa: E402
 from library import text_encoders as te  # noqa: E402
 from library.flux.loading import load_flux_dit  # noqa: E402
 
@@ -34,12 +34,6 @@ def _timed(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return out, round(time.perf_counter() - start, 2)
-
-
-def _warm_page_cache(path: Path) -> None:
-    with open(path, "rb") as f:
-        while f.read(256 * 2**20):
-            pass
 
 
 def main() -> None:
@@ -55,7 +49,7 @@ def main() -> None:
                "t5xxl": lambda where: te.load_t5xxl(paths["t5xxl"], device=where, dtype=torch.bfloat16)}
     for name, load in loaders.items():
         path = paths[name]
-        _warm_page_cache(path)
+        warm_page_cache([path])
         gib = path.stat().st_size / 2**30
         on_cpu, cpu_s = _timed(lambda: load("cpu"))
         _, move_s = _timed(lambda: on_cpu.to(gpu))   # in place

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: everything that needs CUDA, logs to $OUT. Usage on the GPU machine:
-#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|final|all]
+#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|final|all]
 #     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 #     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
@@ -10,6 +10,7 @@
 #     steps:    GPU tests, FLUX step eager and compiled (both profiled), auto under 24 and 16 GiB caps
 #     attention: FLUX step with each SDPA kernel first (cuDNN, flash, memory-efficient), flash-attn, xformers
 #     probe:    straight-to-GPU read tests, FLUX eager profile, launch + loading routes, fp8 auto/upcast, SDPA flash
+#     launch:   GPU tests, CUDA e2e, launch to first step (+ a cProfile run), fp8 step profile
 #     final:    GPU tests, FLUX step plain / swap 18 / fp8, the other families' steps, launch, auto at 16 GiB
 set -uo pipefail
 WHAT=${1:-all}
@@ -33,6 +34,33 @@ if [ "$WHAT" = probe ]; then
   for extra in "--fp8_base --fp8_matmul auto" "--fp8_base --fp8_matmul upcast" "--sdpa_kernels flash"; do
     timeout 70 python3 benchmarks/bench_flux_train.py --device cuda --steps 12 $extra 2>&1 | tail -1 | tee -a "$OUT/probe.jsonl"
   done
+  exit 0
+fi
+
+if [ "$WHAT" = launch ]; then
+  echo "== GPU tests: straight-to-GPU reads, fp8, offload"
+  timeout 60 python3 -m pytest -q -m gpu tests/test_device_reader.py tests/test_fp8_gpu.py -p no:randomly > "$OUT/gpu_tests.log" 2>&1; tail -2 "$OUT/gpu_tests.log"
+  echo "== CUDA e2e through the CLI, tiny models (straight-to-GPU loading, encoders released, sampling)"
+  T=/tmp/e2e; rm -rf $T; python3 -m library.tiny flux --variant dev --out $T/models > /dev/null
+  python3 -c "from library.tiny.images import write_shapes_dataset; write_shapes_dataset('$T/images', 8)"
+  sed "s#quickstart_out/images#$T/images#" configs/quickstart/dataset.toml > $T/ds.toml
+  M=$T/models
+  timeout 120 python3 flux_train_network.py --pretrained_model_name_or_path $M/flux1-dev-tiny.safetensors \
+    --clip_l $M/clip_l.safetensors --t5xxl $M/t5xxl.safetensors --ae $M/ae.safetensors --tokenizer_cache_dir $M/tokenizers \
+    --dataset_config $T/ds.toml --output_dir $T/out --output_name cuda_tiny --network_module networks.lora_flux \
+    --network_dim 8 --network_alpha 8 --network_train_unet_only --learning_rate 2e-3 --max_train_steps 20 \
+    --mixed_precision bf16 --gradient_checkpointing --cache_latents --cache_text_encoder_outputs \
+    --t5xxl_max_token_length 32 --guidance_scale 1.0 --timestep_sampling shift --discrete_flow_shift 3.1582 \
+    --model_prediction_type raw --sample_prompts configs/quickstart/prompts.txt --sample_every_n_steps 10 \
+    --seed 1 > "$OUT/e2e_train.log" 2>&1
+  echo "e2e rc=$? $(grep -c 'error' $OUT/e2e_train.log) error lines; samples: $(ls $T/out/sample 2>/dev/null | grep -c png)"
+  echo "== launch to first step (files in the page cache), then once under cProfile"
+  timeout 300 python3 benchmarks/bench_launch.py --models /tmp/flux_full --runs 1 --log "$OUT/launch_log.txt" \
+    --cprofile "$OUT/launch_cprofile.txt" 2>&1 | tail -1 | tee -a "$OUT/launch.jsonl"
+  rm -rf /tmp/flux_full
+  echo "== fp8 step profile"
+  timeout 90 python3 benchmarks/bench_flux_train.py --device cuda --steps 12 --fp8_base --profile \
+    --profile_tables "$OUT/prof_fp8.txt" 2>/dev/null | tail -1 | tee -a "$OUT/launch.jsonl"
   exit 0
 fi
 

@@ -120,3 +120,14 @@ def test_models_load_straight_to_the_gpu_only_when_all_files_fit(tmp_path, monke
     assert memory.load_device(args, cuda, [str(tmp_path)]) == "cpu"        # a folder is not sized: the CPU route
     assert memory.load_device(args, torch.device("cpu"), files) == "cpu"
     assert memory.load_device(SimpleNamespace(lowram=True, blocks_to_swap=4), cuda, files) == cuda
+
+
+def test_a_released_module_frees_its_weights_stays_released_and_refuses_to_run():
+    layer = torch.nn.Linear(4, 4)
+    memory.release_module(layer, "its outputs are cached")
+    assert layer.weight.device.type == "meta"
+    assert memory.place(layer, torch.device("cpu")) is layer and layer.weight.device.type == "meta"
+    with pytest.raises(RuntimeError, match="released after caching"):
+        layer(torch.zeros(1, 4))
+    other = torch.nn.Linear(2, 2, dtype=torch.float64)
+    assert memory.place(other, torch.float32).weight.dtype == torch.float32   # any other module: plain .to

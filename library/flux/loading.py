@@ -312,6 +312,20 @@ def _read_to_gpu(where: dict[str, Path], keys: set[str], device) -> dict[str, Te
     return {k: t for f, keys in by_file.items() for k, t in load_file(f, device=device, keys=keys).items()}
 
 
+def check_flux_checkpoint(path: str | os.PathLike, model_type: str = "flux") -> FluxCheckpointInfo:
+    """inspect_flux_checkpoint, and an error when the file is not of `model_type` ("flux" or
+    "chroma"): headers only, so a wrong file is refused before anything is loaded."""
+    if model_type not in ("flux", "chroma"):
+        raise ConfigError(f"--model_type {model_type!r} is not supported; use 'flux' (dev/schnell) or 'chroma'.")
+    info = inspect_flux_checkpoint(path)
+    if model_type == "flux" and info.variant == "chroma":
+        raise ModelFileError(f"{path}: this is a Chroma model; pass --model_type chroma to train or run it.")
+    if model_type == "chroma" and info.variant != "chroma":
+        raise ModelFileError(f"{path}: this is a FLUX.1 {info.variant} model, not Chroma; use --model_type flux "
+                             "(the default) or pass a Chroma file.")
+    return info
+
+
 def load_flux_dit(path: str | os.PathLike, *, model_type: str = "flux", device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None) -> tuple[nn.Module, FluxCheckpointInfo]:
     """Load a FLUX.1 dev/schnell (`model_type="flux"`) or Chroma (`"chroma"`) DiT.
@@ -319,17 +333,10 @@ def load_flux_dit(path: str | os.PathLike, *, model_type: str = "flux", device: 
     dtype None keeps the file dtype (an fp8 file is widened to bf16); torch.float8_e4m3fn keeps
     or casts the matrices to fp8 storage (1-D tensors in bf16); any other dtype casts
     everything. The model comes back in eval mode with requires_grad off."""
-    if model_type not in ("flux", "chroma"):
-        raise ConfigError(f"--model_type {model_type!r} is not supported; use 'flux' (dev/schnell) or 'chroma'.")
     if dtype is not None and dtype in _FP8_DTYPES and dtype != torch.float8_e4m3fn:
         raise ConfigError(f"fp8 storage supports float8_e4m3fn only, not {dtype}.")
-    info = inspect_flux_checkpoint(path)
+    info = check_flux_checkpoint(path, model_type)
     is_chroma = info.variant == "chroma"
-    if model_type == "flux" and is_chroma:
-        raise ModelFileError(f"{path}: this is a Chroma model; pass --model_type chroma to train or run it.")
-    if model_type == "chroma" and not is_chroma:
-        raise ModelFileError(f"{path}: this is a FLUX.1 {info.variant} model, not Chroma; use --model_type flux "
-                             "(the default) or pass a Chroma file.")
 
     with torch.device("meta"):
         model = (Chroma if is_chroma else Flux)(info.params)

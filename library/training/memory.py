@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -30,6 +31,8 @@ from library.offload import (
     parse_blocks_to_swap, swappable_bytes,
 )
 
+
+T = TypeVar("T")
 
 def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("memory: block swap, fp8 base weights, offloaded checkpointing")
@@ -106,8 +109,47 @@ def load_device(args, device: torch.device, files: Sequence[str | os.PathLike | 
         return "cpu"
     need = sum(os.path.getsize(f) for f in files)
     if need + LOAD_TO_GPU_RESERVE_BYTES <= cuda_allocatable_bytes(device):
-        return device
+        # the index made explicit: loader threads have no current device of their own
+        return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
     return "cpu"
+
+
+def load_beside(load: Callable[..., T], where: torch.device | str, /, *args, **kwargs) -> Future[T]:
+    """Start `load(*args, **kwargs)` on a thread of its own and return its future, so that one
+    model's file reads and GPU copies (which release the GIL) overlap the caller loading the
+    others (Python work: imports, building modules). The thread's current CUDA device is
+    `where`'s, so that allocations without an explicit index land on the right GPU."""
+    def run() -> T:
+        if torch.device(where).type == "cuda" and torch.device(where).index is not None:
+            torch.cuda.set_device(torch.device(where))
+        return load(*args, **kwargs)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="model-load")
+    try:
+        return pool.submit(run)
+    finally:
+        pool.shutdown(wait=False)   # the thread ends with its job
+
+
+def release_module(module: nn.Module, why: str) -> None:
+    """Drop a module's weights (wherever they are) for good: they become meta tensors, and
+    running the module afterwards raises an error that says why it was released."""
+    name = type(module).__name__
+
+    def refuse(*_):
+        raise RuntimeError(f"{name} was released after caching ({why}) and cannot run again; this is a bug: "
+                           "please report it (--highvram keeps every model as a workaround).")
+
+    module.to("meta")
+    module.register_forward_pre_hook(refuse)
+    module._released_because = why
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def place(module: nn.Module, device) -> nn.Module:
+    """module.to(device), except for a released module (release_module): it stays released."""
+    return module if hasattr(module, "_released_because") else module.to(device)
 
 
 def offloads_checkpoints(args) -> bool:

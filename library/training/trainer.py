@@ -408,8 +408,11 @@ class NetworkTrainer:
         return state
 
     def after_caching(self, args, models: FamilyModels, device, keep: frozenset = frozenset()) -> None:
-        """Free what the cache made unnecessary (encoders whose outputs are all cached, except the
-        trained ones in `keep`). --highvram keeps everything where it is."""
+        """Free what the cache made unnecessary. Text encoders whose outputs are all cached, except
+        the trained ones in `keep`, are never run again: their weights are dropped, not copied
+        back to the CPU as sd-scripts does (T5-XXL's 9 GB take ~8 s to copy, and the copy would
+        only hold host memory). The VAE goes to the CPU unless samples need it. --highvram keeps
+        everything where it is."""
         if args.highvram:
             return
         if args.cache_latents or args.cache_latents_to_disk:
@@ -418,7 +421,7 @@ class NetworkTrainer:
         if args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk:
             for index, te in enumerate(models.text_encoders):
                 if te is not None and index not in keep:
-                    te.to("cpu")
+                    memory.release_module(te, "its outputs are cached")
 
     def place_denoiser(self, state: RunState, group) -> None:
         """The denoiser onto the device, with --blocks_to_swap when asked (then per-block
