@@ -22,6 +22,7 @@ from library.flux.loading import check_flux_checkpoint, load_flux_dit
 from library.flux.text import FluxTextCacheEncoder, FluxTextEncoding, FluxTextOutputs
 from library.autoencoders import load_flux_ae
 from library.latent_cache import LatentCacheAdapter
+from library.safetensors_io import prefetch
 from library.text_encoders import file_fingerprint
 from library.training import memory
 from library.training.flow_trainer import FlowMatchingTrainer
@@ -104,6 +105,9 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
         where = memory.load_device(args, device, [args.pretrained_model_name_or_path, args.ae, args.t5xxl,
                                                   args.clip_l if args.model_type == "flux" else None])
         variant = check_flux_checkpoint(args.pretrained_model_name_or_path, args.model_type).variant  # a wrong file fails now
+        for path in (args.ae, args.t5xxl, args.clip_l if args.model_type == "flux" else None):
+            if path is not None:   # on a GPU: read while the modules are built (the import of transformers...)
+                prefetch(path, where)
         # the DiT's reads run beside the text encoders' loading (mostly Python: imports, module building)
         dit_job = memory.load_beside(load_flux_dit, where, args.pretrained_model_name_or_path,
                                      model_type=args.model_type, device=where, dtype=weight_dtype)

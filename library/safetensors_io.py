@@ -11,6 +11,7 @@ import json
 import os
 import struct
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -67,11 +68,61 @@ def set_mmap_loading(enabled: bool) -> None:
     _use_mmap = bool(enabled)
 
 
+# Whole files being read into GPU memory ahead of their load_file (prefetch): (path, device) -> job.
+_prefetched: dict[tuple[str, str], Future] = {}
+
+
+def prefetch(path: str | os.PathLike, device: torch.device) -> None:
+    """Start reading every tensor of `path` into `device` memory (a CUDA device) on a thread of
+    its own; the next load_file of that file to that device takes its tensors from there. Lets
+    a loader read a file while it builds the module (Python work that holds the GIL: imports,
+    module construction), which the reads do not need. Tensors load_file is not asked for are
+    dropped then."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    if device.index is None:   # resolved here: the reading thread has no current device of its own
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (os.path.realpath(path), str(device))
+    if key in _prefetched:
+        return
+    header = read_header(path)
+
+    def read() -> dict[str, torch.Tensor]:
+        torch.cuda.set_device(device)
+        return _read_direct(path, header, device, None)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+    _prefetched[key] = pool.submit(read)
+    pool.shutdown(wait=False)
+
+
+def _take_prefetched(path, device, keys: list[str] | None) -> dict[str, torch.Tensor] | None:
+    device = torch.device(device)
+    if device.type != "cuda" or not _prefetched:
+        return None
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    job = _prefetched.pop((os.path.realpath(path), str(device)), None)
+    if job is None:
+        return None
+    tensors = job.result()
+    if keys is None:
+        return tensors
+    if any(k not in tensors for k in keys):
+        return None   # the plain read below names the missing tensor
+    return {k: tensors[k] for k in keys}
+
+
 def load_file(path: str | os.PathLike, device: str | torch.device = "cpu",
               keys: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Load tensors (memory-mapped on CPU: pages are read on first touch; plain reads after
     `set_mmap_loading(False)`). To a CUDA device they are read straight into GPU memory through
-    pinned staging buffers (library/device_reader.py), with no CPU copy."""
+    pinned staging buffers (library/device_reader.py), with no CPU copy, or taken from a
+    prefetch of the file."""
+    prefetched = _take_prefetched(path, device, keys)
+    if prefetched is not None:
+        return prefetched
     header = read_header(path)  # a clear error for missing or corrupt files
     if torch.device(device).type == "cuda" or not _use_mmap:
         return _read_direct(path, header, device, keys)

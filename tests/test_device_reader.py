@@ -78,3 +78,25 @@ def test_cuda_reads_are_byte_exact_and_leave_the_stream_usable(tmp_path):
         assert got[k].device.type == "cuda"
         assert torch.equal(got[k].cpu().view(-1).view(torch.uint8), t.view(-1).view(torch.uint8)) if t.numel() else True
     assert torch.equal(sio.load_file(path, device="cuda")["big"].sum().cpu(), tensors["big"].cuda().sum().cpu())
+
+
+def test_prefetch_is_a_no_op_for_the_cpu(tmp_path):
+    path = tmp_path / "t.safetensors"
+    sio.save_file_atomic(_tensors(), path)
+    sio.prefetch(path, torch.device("cpu"))
+    assert not sio._prefetched
+    assert torch.equal(sio.load_file(path, keys=["a"])["a"], _tensors()["a"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_prefetched_file_serves_the_next_load_once(tmp_path):
+    tensors = _tensors()
+    path = tmp_path / "t.safetensors"
+    sio.save_file_atomic(tensors, path)
+    sio.prefetch(path, torch.device("cuda"))
+    assert len(sio._prefetched) == 1
+    got = sio.load_file(path, device="cuda", keys=["a", "c"])
+    assert list(got) == ["a", "c"] and not sio._prefetched
+    assert torch.equal(got["c"].cpu(), tensors["c"]) and got["a"].device.type == "cuda"
+    assert torch.equal(sio.load_file(path, device="cuda")["b"].cpu(), tensors["b"])   # a plain read afterwards

@@ -108,7 +108,7 @@ def test_models_load_straight_to_the_gpu_only_when_all_files_fit(tmp_path, monke
     for name, size in (("dit", 3000), ("t5", 1000)):
         (tmp_path / name).write_bytes(b"\0" * size)
         files.append(str(tmp_path / name))
-    cuda = torch.device("cuda")
+    cuda = torch.device("cuda", 0)   # with its index (without one, load_device asks CUDA for the current device)
     args = SimpleNamespace(lowram=False, blocks_to_swap=None)
     monkeypatch.setattr(memory, "LOAD_TO_GPU_RESERVE_BYTES", 500)
     monkeypatch.setattr(memory, "cuda_allocatable_bytes", lambda device: 4500)
@@ -131,3 +131,13 @@ def test_a_released_module_frees_its_weights_stays_released_and_refuses_to_run()
         layer(torch.zeros(1, 4))
     other = torch.nn.Linear(2, 2, dtype=torch.float64)
     assert memory.place(other, torch.float32).weight.dtype == torch.float32   # any other module: plain .to
+
+
+def test_load_beside_returns_the_loaders_result_or_raises_its_error():
+    assert memory.load_beside(lambda a, b=0: a + b, "cpu", 2, b=3).result() == 5
+
+    def broken():
+        raise ValueError("bad file")
+
+    with pytest.raises(ValueError, match="bad file"):
+        memory.load_beside(broken, "cpu").result()
