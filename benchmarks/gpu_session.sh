@@ -10,7 +10,7 @@
 #     steps:    GPU tests, FLUX step eager and compiled (both profiled), auto under 24 and 16 GiB caps
 #     attention: FLUX step with each SDPA kernel first (cuDNN, flash, memory-efficient), flash-attn, xformers
 #     probe:    straight-to-GPU read tests, FLUX eager profile, launch + loading routes, fp8 auto/upcast, SDPA flash
-#     launch:   GPU tests, CUDA e2e, launch to first step (+ a cProfile run), fp8 step profile
+#     launch:   GPU tests (reads, fp8, swap), CUDA e2e, launch to first step (2 runs + a cProfile run)
 #     final:    GPU tests, FLUX step plain / swap 18 / fp8, the other families' steps, launch, auto at 16 GiB
 set -uo pipefail
 WHAT=${1:-all}
@@ -39,7 +39,7 @@ fi
 
 if [ "$WHAT" = launch ]; then
   echo "== GPU tests: straight-to-GPU reads, fp8, offload"
-  timeout 60 python3 -m pytest -q -m gpu tests/test_device_reader.py tests/test_fp8_gpu.py -p no:randomly > "$OUT/gpu_tests.log" 2>&1; tail -2 "$OUT/gpu_tests.log"
+  timeout 90 python3 -m pytest -q -m gpu tests/test_device_reader.py tests/test_fp8_gpu.py tests/test_offload_gpu.py -p no:randomly > "$OUT/gpu_tests.log" 2>&1; tail -2 "$OUT/gpu_tests.log"
   echo "== CUDA e2e through the CLI, tiny models (straight-to-GPU loading, encoders released, sampling)"
   T=/tmp/e2e; rm -rf $T; python3 -m library.tiny flux --variant dev --out $T/models > /dev/null
   python3 -c "from library.tiny.images import write_shapes_dataset; write_shapes_dataset('$T/images', 8)"
@@ -55,12 +55,9 @@ if [ "$WHAT" = launch ]; then
     --seed 1 > "$OUT/e2e_train.log" 2>&1
   echo "e2e rc=$? $(grep -c 'error' $OUT/e2e_train.log) error lines; samples: $(ls $T/out/sample 2>/dev/null | grep -c png)"
   echo "== launch to first step (files in the page cache), then once under cProfile"
-  timeout 300 python3 benchmarks/bench_launch.py --models /tmp/flux_full --runs 1 --log "$OUT/launch_log.txt" \
+  timeout 360 python3 benchmarks/bench_launch.py --models /tmp/flux_full --runs 2 --log "$OUT/launch_log.txt" \
     --cprofile "$OUT/launch_cprofile.txt" 2>&1 | tail -1 | tee -a "$OUT/launch.jsonl"
   rm -rf /tmp/flux_full
-  echo "== fp8 step profile"
-  timeout 90 python3 benchmarks/bench_flux_train.py --device cuda --steps 12 --fp8_base --profile \
-    --profile_tables "$OUT/prof_fp8.txt" 2>/dev/null | tail -1 | tee -a "$OUT/launch.jsonl"
   exit 0
 fi
 
