@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: everything that needs CUDA, logs to $OUT. Usage on the GPU machine:
-#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|final|all]
+#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|fp8|final|all]
 #     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 #     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
@@ -11,6 +11,7 @@
 #     attention: FLUX step with each SDPA kernel first (cuDNN, flash, memory-efficient), flash-attn, xformers
 #     probe:    straight-to-GPU read tests, FLUX eager profile, launch + loading routes, fp8 auto/upcast, SDPA flash
 #     launch:   GPU tests (reads, fp8, swap), CUDA e2e, launch to first step (2 runs + a cProfile run)
+#     fp8:      fp8 GPU tests, upcast microbenchmark, FLUX step bf16 vs --fp8_base
 #     final:    GPU tests, FLUX step plain / swap 18 / fp8, the other families' steps, launch, auto at 16 GiB
 set -uo pipefail
 WHAT=${1:-all}
@@ -58,6 +59,18 @@ if [ "$WHAT" = launch ]; then
   timeout 360 python3 benchmarks/bench_launch.py --models /tmp/flux_full --runs 2 --log "$OUT/launch_log.txt" \
     --cprofile "$OUT/launch_cprofile.txt" 2>&1 | tail -1 | tee -a "$OUT/launch.jsonl"
   rm -rf /tmp/flux_full
+  exit 0
+fi
+
+if [ "$WHAT" = fp8 ]; then
+  echo "== GPU tests: fp8"
+  timeout 80 python3 -m pytest -q -m gpu tests/test_fp8_gpu.py -p no:randomly 2>&1 | tail -2 | tee "$OUT/gpu_tests.log"
+  echo "== fp8 weight upcast: PyTorch's cast vs the compiled one"
+  timeout 60 python3 benchmarks/bench_fp8_upcast.py 2>&1 | tail -1 | tee -a "$OUT/fp8.jsonl"
+  echo "== FLUX.1-dev step: bf16, --fp8_base"
+  for extra in "" "--fp8_base"; do
+    timeout 70 python3 benchmarks/bench_flux_train.py --device cuda --steps 12 $extra 2>&1 | tail -1 | tee -a "$OUT/fp8.jsonl"
+  done
   exit 0
 fi
 
