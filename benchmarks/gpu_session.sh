@@ -64,7 +64,7 @@ fi
 
 if [ "$WHAT" = fp8 ]; then
   echo "== GPU tests: fp8"
-  timeout 80 python3 -m pytest -q -m gpu tests/test_fp8_gpu.py -p no:randomly 2>&1 | tail -2 | tee "$OUT/gpu_tests.log"
+  timeout 60 python3 -m pytest -q -m gpu tests/test_fp8_gpu.py -k "upcast or quantiser or equal" -p no:randomly 2>&1 | tail -2 | tee "$OUT/gpu_tests.log"
   echo "== fp8 weight upcast: PyTorch's cast vs the compiled one"
   timeout 60 python3 benchmarks/bench_fp8_upcast.py 2>&1 | tail -1 | tee -a "$OUT/fp8.jsonl"
   echo "== FLUX.1-dev step: bf16, --fp8_base"
