@@ -171,7 +171,7 @@ class _Fp8Linear(torch.autograd.Function):
         if use_scaled:
             y = _scaled_mm_linear(x, weight, scale_t, bias)
         else:
-            y = _matmul(x, _upcast(weight, x.dtype).t(), scale, bias)
+            y = _matmul(x, weight.to(x.dtype).t(), scale, bias)
         ctx.save_for_backward(weight)
         ctx.scale = scale
         ctx.has_bias = bias is not None
@@ -182,7 +182,7 @@ class _Fp8Linear(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _matmul(grad_y, _upcast(weight, grad_y.dtype), ctx.scale, None)
+            grad_x = _matmul(grad_y, weight.to(grad_y.dtype), ctx.scale, None)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
         return grad_x, None, grad_bias, None, None, None
@@ -257,40 +257,23 @@ def quantize_rows(x2d: Tensor, rowwise: bool) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-class _CompiledOnCuda:
-    """`fn` compiled by torch.compile (dynamic shapes) on its first call with CUDA tensors, eager
-    on the CPU, and eager for good once compiling fails (no working compiler: the eager result
-    is the same, only slower). `fn`'s first argument decides the device."""
+_compiled_quantize_rows = None      # torch.compile(quantize_rows), made on first use
+_compile_failed = False
 
-    def __init__(self, fn, why: str):
-        self.fn, self.why = fn, why
-        self.compiled = None
-        self.failed = False
 
-    def __call__(self, *args):
-        if self.failed or not args[0].is_cuda:
-            return self.fn(*args)
+def _quantize_rows_fused(x2d: Tensor, rowwise: bool) -> tuple[Tensor, Tensor]:
+    """quantize_rows compiled into one or two kernels: eager it is six passes over the
+    activation, which costs more than the fp8 matmul saves. Eager when compiling fails."""
+    global _compiled_quantize_rows, _compile_failed
+    if not _compile_failed:
         try:
-            if self.compiled is None:
-                self.compiled = torch.compile(self.fn, dynamic=True)
-            return self.compiled(*args)
-        except Exception as e:  # noqa: BLE001 - see the class docstring
-            self.failed = True
-            logger.warning("fp8: compiling %s failed (%s); using the slower eager code", self.why, e)
-            return self.fn(*args)
-
-
-# Eager, quantize_rows is six passes over the activation, which costs more than the fp8 matmul saves.
-_quantize_rows_fused = _CompiledOnCuda(quantize_rows, "the activation quantiser")
-
-
-def upcast(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    return weight.to(dtype)
-
-
-# PyTorch's own fp8 -> bf16 copy runs at ~0.7 TB/s on an H200 (a non-vectorised cast kernel): 0.1 s
-# of a FLUX step's 912 weight upcasts. The compiled one is a plain vectorised conversion.
-_upcast = _CompiledOnCuda(upcast, "the fp8 weight upcast")
+            if _compiled_quantize_rows is None:
+                _compiled_quantize_rows = torch.compile(quantize_rows, dynamic=True)
+            return _compiled_quantize_rows(x2d, rowwise)
+        except Exception as e:  # noqa: BLE001 - no working compiler here: the eager path is exact too
+            _compile_failed = True
+            logger.warning("fp8: compiling the activation quantiser failed (%s); using the slower eager one", e)
+    return quantize_rows(x2d, rowwise)
 
 
 def _scaled_mm_linear(x: Tensor, weight: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:

@@ -196,10 +196,3 @@ def test_module_forward_is_per_instance_so_lora_finds_plain_linears():
     x = torch.randn(2, 16, dtype=torch.bfloat16)
     expected = F.linear(x, dequantized_weight(layer, torch.bfloat16), layer.bias.to(torch.bfloat16))
     torch.testing.assert_close(layer(x), expected, rtol=0.02, atol=0.02)
-
-
-def test_the_upcast_stays_eager_on_the_cpu():
-    from library.fp8 import FP8, _upcast
-
-    w = torch.randn(8, 8).to(FP8)
-    assert torch.equal(_upcast(w, torch.bfloat16), w.to(torch.bfloat16)) and _upcast.compiled is None
