@@ -22,7 +22,7 @@ from library.flux.loading import check_flux_checkpoint, load_flux_dit
 from library.flux.text import FluxTextCacheEncoder, FluxTextEncoding, FluxTextOutputs
 from library.autoencoders import load_flux_ae
 from library.latent_cache import LatentCacheAdapter
-from library.safetensors_io import prefetch
+from library.safetensors_io import drop_prefetched, prefetch
 from library.text_encoders import file_fingerprint
 from library.training import memory
 from library.training.flow_trainer import FlowMatchingTrainer
@@ -113,12 +113,15 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
                                      model_type=args.model_type, device=where, dtype=weight_dtype)
         if args.t5xxl_max_token_length is None:
             args.t5xxl_max_token_length = 256 if variant == "schnell" else 512
-        ae = load_flux_ae(args.ae, device=where, dtype=weight_dtype)
-        text = FluxTextEncoding.from_files(
-            clip_l_path=args.clip_l if args.model_type == "flux" else None, t5xxl_path=args.t5xxl,
-            t5_max_length=args.t5xxl_max_token_length, apply_t5_attn_mask=args.apply_t5_attn_mask,
-            tokenizer_cache_dir=args.tokenizer_cache_dir, device=where, dtype=weight_dtype,
-            t5_fp8_storage=args.fp8_base and not args.fp8_base_unet)
+        try:
+            ae = load_flux_ae(args.ae, device=where, dtype=weight_dtype)
+            text = FluxTextEncoding.from_files(
+                clip_l_path=args.clip_l if args.model_type == "flux" else None, t5xxl_path=args.t5xxl,
+                t5_max_length=args.t5xxl_max_token_length, apply_t5_attn_mask=args.apply_t5_attn_mask,
+                tokenizer_cache_dir=args.tokenizer_cache_dir, device=where, dtype=weight_dtype,
+                t5_fp8_storage=args.fp8_base and not args.fp8_base_unet)
+        finally:
+            drop_prefetched()   # a file refused before its read was taken must not hold GPU memory
         dit, info = dit_job.result()
         return FamilyModels(denoiser=dit, text_encoders=[text.clip_l, text.t5], vae=ae, info=info,
                             extra={"text": text})

@@ -4,8 +4,8 @@ The usual path, a memory-mapped CPU tensor per weight then `.to("cuda")`, copies
 twice on one thread: page cache -> a fresh pageable CPU tensor -> the GPU, the second copy
 through the driver's own small staging buffer. For a 24 GB FLUX.1 checkpoint that is the bulk of
 the launch time. Here each tensor gets its GPU memory first; its bytes are read with plain
-`preadv` calls (several threads; the kernel copies page cache -> pinned buffer, the GIL is
-released) into a few reusable pinned staging buffers, and each buffer goes to the GPU as an
+positioned reads (`preadv`; several threads; the kernel copies page cache -> pinned buffer, the
+GIL is released) into a few reusable pinned staging buffers, and each buffer goes to the GPU as an
 asynchronous copy on the reader's own stream. The staging buffers are reused once their copy
 has finished, so host memory stays at READERS x CHUNK_BYTES whatever the file size.
 
@@ -60,23 +60,50 @@ class _Stager:
         self.stream.wait_event(allocated)
         self.done = None
 
-    def copy(self, fd: int, piece: _Piece, dest: torch.Tensor) -> None:
+    def copy(self, file: _File, piece: _Piece, dest: torch.Tensor) -> None:
         if self.done is not None:
             self.done.synchronize()         # the buffer's previous copy must have left it
-        _read_exactly(fd, self.view[:piece.length], piece.offset)
+        file.read_exactly(self.view[:piece.length], piece.offset)
         with torch.cuda.stream(self.stream):
             dest[piece.start:piece.start + piece.length].copy_(self.buffer[:piece.length], non_blocking=True)
             self.done = torch.cuda.Event()
             self.done.record(self.stream)
 
 
-def _read_exactly(fd: int, view: memoryview, offset: int) -> None:
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            raise OSError(f"the file ended {len(view) - got} bytes early (truncated download?)")
-        got += n
+class _File:
+    """Positioned reads of one file from several threads: `os.preadv` on one descriptor where the
+    platform has it (Linux, macOS); elsewhere (Windows) a file object per thread, seek + readinto."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0)) if hasattr(os, "preadv") else None
+        self.local = threading.local()
+        self.handles: list = []
+        self.lock = threading.Lock()
+
+    def read_exactly(self, view: memoryview, offset: int) -> None:
+        got = 0
+        while got < len(view):
+            n = self._read(view[got:], offset + got)
+            if not n:
+                raise OSError(f"{self.path}: the file ended {len(view) - got} bytes early (truncated download?)")
+            got += n
+
+    def _read(self, view: memoryview, offset: int) -> int:
+        if self.fd is not None:
+            return os.preadv(self.fd, [view], offset)
+        if not hasattr(self.local, "f"):
+            self.local.f = open(self.path, "rb", buffering=0)
+            with self.lock:
+                self.handles.append(self.local.f)
+        self.local.f.seek(offset)
+        return self.local.f.readinto(view)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+        for f in self.handles:
+            f.close()
 
 
 def read_tensors(path: str | os.PathLike, entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]],
@@ -91,8 +118,8 @@ def read_tensors(path: str | os.PathLike, entries: dict[str, tuple[torch.dtype, 
     flat = {k: t.view(-1).view(torch.uint8) if t.numel() else t for k, t in out.items()}
     for k, (_, _, begin, end) in entries.items():
         if flat[k].numel() != end - begin:
-            raise ModelFileError(f"{path}: tensor {k} has {end - begin} bytes in the file, but its dtype and shape "
-                             f"need {flat[k].numel()}; the file is corrupt.")
+            raise ModelFileError(f"{path}: tensor {k} has {end - begin} bytes in the file, but its dtype and "
+                                 f"shape need {flat[k].numel()}; the file is corrupt.")
     pieces = plan_pieces({k: (b, e) for k, (_, _, b, e) in entries.items() if e > b}, chunk)
     if not pieces:
         return out
@@ -114,13 +141,13 @@ def read_tensors(path: str | os.PathLike, entries: dict[str, tuple[torch.dtype, 
                 stagers.append(local.stager)
         return local.stager
 
-    fd = os.open(path, os.O_RDONLY)
+    file = _File(path)
     try:
         with ThreadPoolExecutor(readers, thread_name_prefix="safetensors-read") as pool:
-            for future in [pool.submit(lambda p=p: stager().copy(fd, p, flat[p.key])) for p in pieces]:
+            for future in [pool.submit(lambda p=p: stager().copy(file, p, flat[p.key])) for p in pieces]:
                 future.result()
     finally:
-        os.close(fd)
+        file.close()
         for s in stagers:   # every copy has landed before the tensors are used (on any stream)
             if s.done is not None:
                 s.done.synchronize()
@@ -129,11 +156,11 @@ def read_tensors(path: str | os.PathLike, entries: dict[str, tuple[torch.dtype, 
 
 def _read_pieces_on_cpu(path, pieces: list[_Piece], flat: dict[str, torch.Tensor], readers: int) -> None:
     views = {k: memoryview(t.numpy()) for k, t in flat.items() if t.numel()}
-    fd = os.open(path, os.O_RDONLY)
+    file = _File(path)
     try:
         with ThreadPoolExecutor(readers, thread_name_prefix="safetensors-read") as pool:
-            for future in [pool.submit(_read_exactly, fd, views[p.key][p.start:p.start + p.length], p.offset)
+            for future in [pool.submit(file.read_exactly, views[p.key][p.start:p.start + p.length], p.offset)
                            for p in pieces]:
                 future.result()
     finally:
-        os.close(fd)
+        file.close()

@@ -97,6 +97,12 @@ def prefetch(path: str | os.PathLike, device: torch.device) -> None:
     pool.shutdown(wait=False)
 
 
+def drop_prefetched() -> None:
+    """Forget every prefetch not yet taken (a loader failed before reading its file): their
+    tensors are freed once the reads finish."""
+    _prefetched.clear()
+
+
 def _take_prefetched(path, device, keys: list[str] | None) -> dict[str, torch.Tensor] | None:
     device = torch.device(device)
     if device.type != "cuda" or not _prefetched:
