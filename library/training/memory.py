@@ -53,10 +53,10 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
                    help="the same as --cpu_offload_checkpointing (asynchronous copies), under Anima's name")
     g.add_argument("--highvram", action="store_true",
                    help="keep the autoencoder and text encoders on the GPU after caching (faster sampling, "
-                        "more VRAM)")
+                        "more VRAM); without it, text encoders whose outputs are cached are released")
     g.add_argument("--lowram", action="store_true",
                    help="load the models straight to the GPU instead of CPU memory (machines with more VRAM "
-                        "than RAM)")
+                        "than RAM). FLUX does so anyway when all its files fit in the GPU's free memory")
     g.add_argument("--disable_mmap_load_safetensors", action="store_true",
                    help="read .safetensors files with plain reads instead of memory-mapping them (helps on "
                         "Windows and network drives)")
