@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: everything that needs CUDA, logs to $OUT. Usage on the GPU machine:
-#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|fp8|final|all]
+#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|all]
 #     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 #     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
@@ -11,6 +11,7 @@
 #     attention: FLUX step with each SDPA kernel first (cuDNN, flash, memory-efficient), flash-attn, xformers
 #     probe:    straight-to-GPU read tests, FLUX eager profile, launch + loading routes, fp8 auto/upcast, SDPA flash
 #     launch:   GPU tests (reads, fp8, swap), CUDA e2e, launch to first step (2 runs + a cProfile run)
+#     launch_families: launch to first step of SD3.5 Large, Lumina 2 and Anima at full size
 #     fp8:      fp8 GPU tests, upcast microbenchmark, FLUX step bf16 vs --fp8_base
 #     final:    GPU tests, FLUX step plain / swap 18 / fp8, the other families' steps, launch, auto at 16 GiB
 set -uo pipefail
@@ -70,6 +71,16 @@ if [ "$WHAT" = fp8 ]; then
   echo "== FLUX.1-dev step: bf16, --fp8_base"
   for extra in "" "--fp8_base"; do
     timeout 70 python3 benchmarks/bench_flux_train.py --device cuda --steps 12 $extra 2>&1 | tail -1 | tee -a "$OUT/fp8.jsonl"
+  done
+  exit 0
+fi
+
+if [ "$WHAT" = launch_families ]; then
+  echo "== launch to first step, SD3.5 Large / Lumina 2 / Anima (files in the page cache; run 2 is the figure)"
+  for f in sd3 lumina anima; do
+    timeout 330 python3 benchmarks/bench_launch.py --family $f --models /tmp/${f}_full --runs 2 \
+      --log "$OUT/launch_$f.txt" 2>&1 | tail -1 | tee -a "$OUT/launch_families.jsonl"
+    rm -rf /tmp/${f}_full
   done
   exit 0
 fi

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,3 +38,14 @@ def test_launch_benchmark_reads_the_trainers_first_step_time(tmp_path):
     assert run["rc"] == 0 and 0 < run["first_step_after_launch_s"] <= run["wall_s"]
     text = log.read_text()
     assert "models loaded in" in text and "caching done in" in text and "first step done" in text
+
+
+@pytest.mark.parametrize("family, model", [("sd3", "tiny-sd3.5-large"), ("lumina", "tiny-lumina2"),
+                                           ("anima", "tiny-anima")])
+def test_launch_benchmark_of_each_family(tmp_path, family, model):
+    log = tmp_path / "log.txt"
+    line = run_json("benchmarks/bench_launch.py", "--tiny", "--family", family, "--models", str(tmp_path / "models"),
+                    "--runs", "1", "--log", str(log))
+    (run,) = line["runs"]
+    assert line["model"] == model and run["rc"] == 0 and 0 < run["first_step_after_launch_s"] <= run["wall_s"]
+    assert "first step done" in log.read_text()
