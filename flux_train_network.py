@@ -11,7 +11,9 @@ its files, its text encoding, packing latents into tokens, guidance, and its sam
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
+from concurrent import futures
 
 import torch
 
@@ -102,24 +104,40 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
 
     # ---- models -------------------------------------------------------------------------------
     def load_models(self, args, device, weight_dtype) -> FamilyModels:
-        where = memory.load_device(args, device, [args.pretrained_model_name_or_path, args.ae, args.t5xxl,
-                                                  args.clip_l if args.model_type == "flux" else None])
+        clip_l = args.clip_l if args.model_type == "flux" else None
+        where = memory.load_device(args, device, [args.pretrained_model_name_or_path, args.ae, args.t5xxl, clip_l])
         variant = check_flux_checkpoint(args.pretrained_model_name_or_path, args.model_type).variant  # a wrong file fails now
-        for path in (args.ae, args.t5xxl, args.clip_l if args.model_type == "flux" else None):
+        if args.t5xxl_max_token_length is None:
+            args.t5xxl_max_token_length = 256 if variant == "schnell" else 512
+        try:
+            return self._load_models(args, where, weight_dtype)
+        except torch.cuda.OutOfMemoryError:
+            if where == "cpu" or args.lowram:
+                raise
+        # Out here, not in the except block: its traceback holds the half-loaded models on the GPU.
+        print("note: the GPU ran out of memory while the models were read straight into it (does another process "
+              "use it?); loading them into CPU memory instead")
+        gc.collect()
+        torch.cuda.empty_cache()
+        return self._load_models(args, "cpu", weight_dtype)
+
+    def _load_models(self, args, where, weight_dtype) -> FamilyModels:
+        clip_l = args.clip_l if args.model_type == "flux" else None
+        for path in (args.ae, args.t5xxl, clip_l):
             if path is not None:   # on a GPU: read while the modules are built (the import of transformers...)
                 prefetch(path, where)
         # the DiT's reads run beside the text encoders' loading (mostly Python: imports, module building)
         dit_job = memory.load_beside(load_flux_dit, where, args.pretrained_model_name_or_path,
                                      model_type=args.model_type, device=where, dtype=weight_dtype)
-        if args.t5xxl_max_token_length is None:
-            args.t5xxl_max_token_length = 256 if variant == "schnell" else 512
         try:
             ae = load_flux_ae(args.ae, device=where, dtype=weight_dtype)
             text = FluxTextEncoding.from_files(
-                clip_l_path=args.clip_l if args.model_type == "flux" else None, t5xxl_path=args.t5xxl,
-                t5_max_length=args.t5xxl_max_token_length, apply_t5_attn_mask=args.apply_t5_attn_mask,
-                tokenizer_cache_dir=args.tokenizer_cache_dir, device=where, dtype=weight_dtype,
-                t5_fp8_storage=args.fp8_base and not args.fp8_base_unet)
+                clip_l_path=clip_l, t5xxl_path=args.t5xxl, t5_max_length=args.t5xxl_max_token_length,
+                apply_t5_attn_mask=args.apply_t5_attn_mask, tokenizer_cache_dir=args.tokenizer_cache_dir,
+                device=where, dtype=weight_dtype, t5_fp8_storage=args.fp8_base and not args.fp8_base_unet)
+        except BaseException:
+            futures.wait([dit_job])   # the DiT's reads end before the error goes on (a retry needs the memory)
+            raise
         finally:
             drop_prefetched()   # a file refused before its read was taken must not hold GPU memory
         dit, info = dit_job.result()
