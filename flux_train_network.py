@@ -17,6 +17,7 @@ from concurrent import futures
 
 import torch
 
+from library.device_reader import run_beside
 from library.errors import ConfigError
 from library.offload import estimate_activation_bytes, resolve_deprecated_swap_options
 from library.flux import sampling as flux_sampling
@@ -110,7 +111,7 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
         if args.t5xxl_max_token_length is None:
             args.t5xxl_max_token_length = 256 if variant == "schnell" else 512
         try:
-            return self._load_models(args, where, weight_dtype)
+            return self._load_models(args, where, weight_dtype, clip_l)
         except torch.cuda.OutOfMemoryError:
             if where == "cpu" or args.lowram:
                 raise
@@ -119,16 +120,15 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
               "use it?); loading them into CPU memory instead")
         gc.collect()
         torch.cuda.empty_cache()
-        return self._load_models(args, "cpu", weight_dtype)
+        return self._load_models(args, "cpu", weight_dtype, clip_l)
 
-    def _load_models(self, args, where, weight_dtype) -> FamilyModels:
-        clip_l = args.clip_l if args.model_type == "flux" else None
+    def _load_models(self, args, where, weight_dtype, clip_l: str | None) -> FamilyModels:
         for path in (args.ae, args.t5xxl, clip_l):
             if path is not None:   # on a GPU: read while the modules are built (the import of transformers...)
                 prefetch(path, where)
         # the DiT's reads run beside the text encoders' loading (mostly Python: imports, module building)
-        dit_job = memory.load_beside(load_flux_dit, where, args.pretrained_model_name_or_path,
-                                     model_type=args.model_type, device=where, dtype=weight_dtype)
+        dit_job = run_beside(load_flux_dit, where, args.pretrained_model_name_or_path,
+                             model_type=args.model_type, device=where, dtype=weight_dtype)
         try:
             ae = load_flux_ae(args.ae, device=where, dtype=weight_dtype)
             text = FluxTextEncoding.from_files(

@@ -16,6 +16,25 @@
 #     final:    GPU tests, FLUX step plain / swap 18 / fp8, the other families' steps, launch, auto at 16 GiB
 set -uo pipefail
 WHAT=${1:-all}
+
+# FLUX LoRA training on tiny models through the real command line, bf16 on CUDA, with sampling:
+# tiny_flux_e2e IMAGES STEPS SAMPLE_EVERY [more options]; models and output under /tmp/e2e,
+# the log in $OUT/e2e_train.log.
+tiny_flux_e2e() {
+  local T=/tmp/e2e images=$1 steps=$2 every=$3; shift 3
+  rm -rf $T; python3 -m library.tiny flux --variant dev --out $T/models > /dev/null
+  python3 -c "from library.tiny.images import write_shapes_dataset; write_shapes_dataset('$T/images', $images)"
+  sed "s#quickstart_out/images#$T/images#" configs/quickstart/dataset.toml > $T/ds.toml
+  local M=$T/models
+  python3 flux_train_network.py --pretrained_model_name_or_path $M/flux1-dev-tiny.safetensors \
+    --clip_l $M/clip_l.safetensors --t5xxl $M/t5xxl.safetensors --ae $M/ae.safetensors --tokenizer_cache_dir $M/tokenizers \
+    --dataset_config $T/ds.toml --output_dir $T/out --output_name cuda_tiny --network_module networks.lora_flux \
+    --network_dim 8 --network_alpha 8 --network_train_unet_only --learning_rate 2e-3 --max_train_steps $steps \
+    --mixed_precision bf16 --gradient_checkpointing --cache_latents --cache_text_encoder_outputs \
+    --t5xxl_max_token_length 32 --guidance_scale 1.0 --timestep_sampling shift --discrete_flow_shift 3.1582 \
+    --model_prediction_type raw --sample_prompts configs/quickstart/prompts.txt --sample_every_n_steps $every \
+    --seed 1 "$@" > "$OUT/e2e_train.log" 2>&1
+}
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -43,19 +62,8 @@ if [ "$WHAT" = launch ]; then
   echo "== GPU tests: straight-to-GPU reads, fp8, offload"
   timeout 90 python3 -m pytest -q -m gpu tests/test_device_reader.py tests/test_fp8_gpu.py tests/test_offload_gpu.py -p no:randomly > "$OUT/gpu_tests.log" 2>&1; tail -2 "$OUT/gpu_tests.log"
   echo "== CUDA e2e through the CLI, tiny models (straight-to-GPU loading, encoders released, sampling)"
-  T=/tmp/e2e; rm -rf $T; python3 -m library.tiny flux --variant dev --out $T/models > /dev/null
-  python3 -c "from library.tiny.images import write_shapes_dataset; write_shapes_dataset('$T/images', 8)"
-  sed "s#quickstart_out/images#$T/images#" configs/quickstart/dataset.toml > $T/ds.toml
-  M=$T/models
-  timeout 120 python3 flux_train_network.py --pretrained_model_name_or_path $M/flux1-dev-tiny.safetensors \
-    --clip_l $M/clip_l.safetensors --t5xxl $M/t5xxl.safetensors --ae $M/ae.safetensors --tokenizer_cache_dir $M/tokenizers \
-    --dataset_config $T/ds.toml --output_dir $T/out --output_name cuda_tiny --network_module networks.lora_flux \
-    --network_dim 8 --network_alpha 8 --network_train_unet_only --learning_rate 2e-3 --max_train_steps 20 \
-    --mixed_precision bf16 --gradient_checkpointing --cache_latents --cache_text_encoder_outputs \
-    --t5xxl_max_token_length 32 --guidance_scale 1.0 --timestep_sampling shift --discrete_flow_shift 3.1582 \
-    --model_prediction_type raw --sample_prompts configs/quickstart/prompts.txt --sample_every_n_steps 10 \
-    --seed 1 > "$OUT/e2e_train.log" 2>&1
-  echo "e2e rc=$? $(grep -c 'error' $OUT/e2e_train.log) error lines; samples: $(ls $T/out/sample 2>/dev/null | grep -c png)"
+  timeout 120 bash -c "$(declare -f tiny_flux_e2e); OUT=$OUT tiny_flux_e2e 8 20 10"
+  echo "e2e rc=$? $(grep -c 'error' $OUT/e2e_train.log) error lines; samples: $(ls /tmp/e2e/out/sample 2>/dev/null | grep -c png)"
   echo "== launch to first step (files in the page cache), then once under cProfile"
   timeout 360 python3 benchmarks/bench_launch.py --models /tmp/flux_full --runs 2 --log "$OUT/launch_log.txt" \
     --cprofile "$OUT/launch_cprofile.txt" 2>&1 | tail -1 | tee -a "$OUT/launch.jsonl"
@@ -233,18 +241,8 @@ python3 benchmarks/bench_flux_train.py --device cuda --steps 30 2>&1 | tail -1 |
 python3 benchmarks/bench_flux_train.py --device cuda --steps 30 --compile 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"
 
 echo "== CUDA bf16 end to end through the command line (tiny models)"
-T=/tmp/e2e; rm -rf $T; python3 -m library.tiny flux --variant dev --out $T/models > /dev/null
-python3 -c "from library.tiny.images import write_shapes_dataset; write_shapes_dataset('$T/images', 12)"
-sed "s#quickstart_out/images#$T/images#" configs/quickstart/dataset.toml > $T/ds.toml
-M=$T/models
-python3 flux_train_network.py --pretrained_model_name_or_path $M/flux1-dev-tiny.safetensors \
-  --clip_l $M/clip_l.safetensors --t5xxl $M/t5xxl.safetensors --ae $M/ae.safetensors --tokenizer_cache_dir $M/tokenizers \
-  --dataset_config $T/ds.toml --output_dir $T/out --output_name cuda_tiny --network_module networks.lora_flux \
-  --network_dim 8 --network_alpha 8 --network_train_unet_only --learning_rate 2e-3 --max_train_steps 60 \
-  --mixed_precision bf16 --gradient_checkpointing --cache_latents --cache_text_encoder_outputs \
-  --t5xxl_max_token_length 32 --guidance_scale 1.0 --timestep_sampling shift --discrete_flow_shift 3.1582 \
-  --model_prediction_type raw --sample_prompts configs/quickstart/prompts.txt --sample_every_n_steps 30 \
-  --save_every_n_steps 30 --save_state --seed 1 --save_precision bf16 > "$OUT/e2e_train.log" 2>&1
+T=/tmp/e2e; M=$T/models
+tiny_flux_e2e 12 60 30 --save_every_n_steps 30 --save_state --save_precision bf16
 echo "train rc=$?" | tee -a "$OUT/e2e_train.log"
 python3 flux_minimal_inference.py --ckpt $M/flux1-dev-tiny.safetensors --clip_l $M/clip_l.safetensors \
   --t5xxl $M/t5xxl.safetensors --ae $M/ae.safetensors --tokenizer_cache_dir $M/tokenizers --prompt "a red circle" \

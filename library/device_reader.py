@@ -18,15 +18,37 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 
 from library.errors import ModelFileError
 
+T = TypeVar("T")
+
 CHUNK_BYTES = 64 * 2**20      # one staging buffer; big enough that a copy runs at full PCIe speed
 READERS = 4                   # threads reading (and staging buffers): page-cache copies scale to ~4
+
+
+def run_beside(fn: Callable[..., T], where: torch.device | str, /, *args, **kwargs) -> Future[T]:
+    """Start `fn(*args, **kwargs)` on a thread of its own and return its future: a model's file
+    reads and GPU copies (which release the GIL) then overlap the caller's Python work (imports,
+    building modules). The thread's current CUDA device is `where`'s (give it an index), so that
+    allocations without an explicit index land on the right GPU."""
+    where = torch.device(where)
+
+    def run() -> T:
+        if where.type == "cuda" and where.index is not None:
+            torch.cuda.set_device(where)
+        return fn(*args, **kwargs)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="load-beside")
+    try:
+        return pool.submit(run)
+    finally:
+        pool.shutdown(wait=False)   # the thread ends with its job
 
 
 @dataclass(frozen=True)

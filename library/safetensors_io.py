@@ -11,13 +11,14 @@ import json
 import os
 import struct
 import tempfile
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as _serialize
 
+from library.device_reader import read_tensors, run_beside
 from library.errors import ModelFileError, UserError
 
 
@@ -78,23 +79,22 @@ def prefetch(path: str | os.PathLike, device: torch.device) -> None:
     a loader read a file while it builds the module (Python work that holds the GIL: imports,
     module construction), which the reads do not need. Tensors load_file is not asked for are
     dropped then."""
+    key = _prefetch_key(path, device)
+    if key is None or key in _prefetched:
+        return
+    device = torch.device(key[1])
+    _prefetched[key] = run_beside(_read_direct, device, path, read_header(path), device, None)
+
+
+def _prefetch_key(path, device) -> tuple[str, str] | None:
+    """(real path, "cuda:N") for a CUDA device, the index resolved in the calling thread (a
+    reading thread has no current device of its own); None for any other device."""
     device = torch.device(device)
     if device.type != "cuda":
-        return
-    if device.index is None:   # resolved here: the reading thread has no current device of its own
+        return None
+    if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (os.path.realpath(path), str(device))
-    if key in _prefetched:
-        return
-    header = read_header(path)
-
-    def read() -> dict[str, torch.Tensor]:
-        torch.cuda.set_device(device)
-        return _read_direct(path, header, device, None)
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
-    _prefetched[key] = pool.submit(read)
-    pool.shutdown(wait=False)
+    return os.path.realpath(path), str(device)
 
 
 def drop_prefetched() -> None:
@@ -104,12 +104,9 @@ def drop_prefetched() -> None:
 
 
 def _take_prefetched(path, device, keys: list[str] | None) -> dict[str, torch.Tensor] | None:
-    device = torch.device(device)
-    if device.type != "cuda" or not _prefetched:
+    if not _prefetched:
         return None
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    job = _prefetched.pop((os.path.realpath(path), str(device)), None)
+    job = _prefetched.pop(_prefetch_key(path, device), None)
     if job is None:
         return None
     tensors = job.result()
@@ -159,8 +156,6 @@ def _entry(path, header: dict, key: str, data_start: int) -> tuple[torch.dtype, 
 def _read_direct(path, header: dict, device, keys: list[str] | None) -> dict[str, torch.Tensor]:
     """library/device_reader.py's reads: into GPU memory through pinned buffers, or plain reads
     into CPU tensors."""
-    from library.device_reader import read_tensors
-
     start = _data_start(path)
     keys = keys if keys is not None else [k for k in header if k != "__metadata__"]
     size = os.path.getsize(path)

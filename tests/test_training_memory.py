@@ -133,11 +133,13 @@ def test_a_released_module_frees_its_weights_stays_released_and_refuses_to_run()
     assert memory.place(other, torch.float32).weight.dtype == torch.float32   # any other module: plain .to
 
 
-def test_load_beside_returns_the_loaders_result_or_raises_its_error():
-    assert memory.load_beside(lambda a, b=0: a + b, "cpu", 2, b=3).result() == 5
+def test_run_beside_returns_the_loaders_result_or_raises_its_error():
+    from library.device_reader import run_beside
+
+    assert run_beside(lambda a, b=0: a + b, "cpu", 2, b=3).result() == 5
 
     def broken():
         raise ValueError("bad file")
 
     with pytest.raises(ValueError, match="bad file"):
-        memory.load_beside(broken, "cpu").result()
+        run_beside(broken, "cpu").result()

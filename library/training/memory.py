@@ -17,8 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -31,8 +30,6 @@ from library.offload import (
     parse_blocks_to_swap, swappable_bytes,
 )
 
-
-T = TypeVar("T")
 
 def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("memory: block swap, fp8 base weights, offloaded checkpointing")
@@ -112,23 +109,6 @@ def load_device(args, device: torch.device, files: Sequence[str | os.PathLike | 
         # the index made explicit: loader threads have no current device of their own
         return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
     return "cpu"
-
-
-def load_beside(load: Callable[..., T], where: torch.device | str, /, *args, **kwargs) -> Future[T]:
-    """Start `load(*args, **kwargs)` on a thread of its own and return its future, so that one
-    model's file reads and GPU copies (which release the GIL) overlap the caller loading the
-    others (Python work: imports, building modules). The thread's current CUDA device is
-    `where`'s, so that allocations without an explicit index land on the right GPU."""
-    def run() -> T:
-        if torch.device(where).type == "cuda" and torch.device(where).index is not None:
-            torch.cuda.set_device(torch.device(where))
-        return load(*args, **kwargs)
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="model-load")
-    try:
-        return pool.submit(run)
-    finally:
-        pool.shutdown(wait=False)   # the thread ends with its job
 
 
 def release_module(module: nn.Module, why: str) -> None:
