@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anima_train_network import AnimaNetworkTrainer  # noqa: E402
-from benchmarks.bench_common import (billions_of_parameters, device_name, lora_training_step,  # noqa: E402
+from benchmarks.bench_common import (add_cuda_graph_argument, graphed, billions_of_parameters, device_name, lora_training_step,  # noqa: E402
                                      ready_to_train, synchronize, time_steps, timing_fields)
 from library.anima.arguments import apply_attention_options  # noqa: E402
 from library.anima.model import ANIMA_PARAMS, AnimaParams  # noqa: E402
@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--train_llm_adapter", action="store_true", help="LoRA on the LLM adapter blocks too")
     ap.add_argument("--optimizer", default="AdamW")
     ap.add_argument("--peak_tflops", type=float, default=790.0, help="measured bf16 matmul peak of the GPU")
+    add_cuda_graph_argument(ap)
     a = ap.parse_args()
 
     device = torch.device(a.device)
@@ -101,7 +102,8 @@ def main() -> None:
     network = lora_anima.create_network(1.0, a.rank, a.rank, None, None, dit,
                                         train_llm_adapter=str(a.train_llm_adapter))
     network.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
-    opt = ready_to_train(network, trainer, models, device, optimizer=a.optimizer, compile=a.compile)
+    opt = ready_to_train(network, trainer, models, device, optimizer=a.optimizer, compile=a.compile,
+                         capturable=a.cuda_graph)
 
     lat = a.size // 8
     latents = torch.randn(1, 16, lat, lat, device=device)
@@ -114,6 +116,8 @@ def main() -> None:
             "t5_attn_mask": mask.clone()}
 
     step = lora_training_step(trainer, args, models, network, opt, latents, text, dtype=dtype)
+    if a.cuda_graph:
+        step = graphed(step, device)
     times, _ = time_steps(step, a.steps, device)
     ctx_tokens = max(a.text_len, 512)   # the adapter output is padded to 512 tokens
     flops = useful_flops(params, (lat // params.patch_spatial) ** 2, ctx_tokens, a.text_len, a.text_len)
@@ -123,7 +127,7 @@ def main() -> None:
         "lora_modules": len(network.loras), "train_llm_adapter": a.train_llm_adapter,
         "device": device_name(device),
         "size": a.size, "text_len": a.text_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt,
-        "compile": a.compile, "attn_mode": a.attn_mode, "split_attn": a.split_attn,
+        "compile": a.compile, "cuda_graph": a.cuda_graph, "attn_mode": a.attn_mode, "split_attn": a.split_attn,
         **timing_fields(times, device, build_s=build_s, flops_per_step=flops, peak_tflops=a.peak_tflops),
     }))
 

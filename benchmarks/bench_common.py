@@ -39,21 +39,55 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def lora_optimizer(network: Any, name: str) -> torch.optim.Optimizer:
+def lora_optimizer(network: Any, name: str, *, capturable: bool = False) -> torch.optim.Optimizer:
     """The optimizer `name` over the network's parameter groups at LEARNING_RATE, built by the
-    trainer's optimizer builder."""
+    trainer's optimizer builder; `capturable` (for a CUDA graph) keeps its step counts on the GPU."""
     groups, _ = network.prepare_optimizer_params(text_encoder_lr=None, unet_lr=None, default_lr=LEARNING_RATE)
-    return build_optimizer(name, [], groups, LEARNING_RATE).optimizer
+    return build_optimizer(name, ["capturable=True"] if capturable else [], groups, LEARNING_RATE).optimizer
 
 
 def ready_to_train(network: Any, trainer: Any, models: Any, device: torch.device, *, optimizer: str,
-                   compile: bool) -> torch.optim.Optimizer:
+                   compile: bool, capturable: bool = False) -> torch.optim.Optimizer:
     """After `apply_to`: the LoRA moved to the device, the blocks compiled as --torch_compile does
     (each block with inductor) when `compile`, and the optimizer (lora_optimizer)."""
     network.to(device)
     if compile:
         compile_blocks(trainer.block_lists(models), "inductor")
-    return lora_optimizer(network, optimizer)
+    return lora_optimizer(network, optimizer, capturable=capturable)
+
+
+def add_cuda_graph_argument(ap: Any) -> None:
+    ap.add_argument("--cuda_graph", action="store_true",
+                    help="capture the whole training step (forward, backward, clipping, optimizer) as one CUDA "
+                         "graph and time its replays: what the step costs without per-kernel host work")
+
+
+def graphed(step: Callable[[], torch.Tensor], device: torch.device, *, warmup: int = 3) -> Callable[[], torch.Tensor]:
+    """`step` captured as one CUDA graph; the returned function replays it and returns the
+    captured loss tensor (refilled by each replay). The step must not synchronise with the host:
+    a first eager step runs with synchronisation errors on, so that one that does fails here
+    with the place in its traceback instead of breaking the capture obscurely. Warm-up steps
+    run on a side stream (the capture's rule), which also fills the optimizer's state."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return loss
+
+    return replay
 
 
 def lora_training_step(trainer: Any, args: Any, models: Any, network: Any, optimizer: torch.optim.Optimizer,

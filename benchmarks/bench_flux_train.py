@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_common import (device_name, lora_optimizer, lora_training_step,  # noqa: E402
+from benchmarks.bench_common import (add_cuda_graph_argument, graphed, device_name, lora_optimizer, lora_training_step,  # noqa: E402
                                      profile_steps, time_steps, timing_fields)
 from flux_train_network import FluxNetworkTrainer  # noqa: E402
 from library import attention  # noqa: E402
@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--memory_cap_gib", type=float, default=None,
                     help="emulate a smaller card: cap this process's CUDA memory (set_per_process_memory_fraction) "
                          "before the DiT is placed")
+    add_cuda_graph_argument(ap)
     a = ap.parse_args()
 
     device = torch.device(a.device)
@@ -159,7 +160,7 @@ def main() -> None:
     torch.cuda.empty_cache() if device.type == "cuda" else None
     if a.compile:
         compile_blocks(trainer.block_lists(models), "inductor")
-    opt = lora_optimizer(network, a.optimizer)
+    opt = lora_optimizer(network, a.optimizer, capturable=a.cuda_graph)
 
     lat_hw = a.size // 8
     latents = torch.randn(1, 16, lat_hw, lat_hw, device=device)
@@ -178,6 +179,8 @@ def main() -> None:
         return trainer.encode_text_for_training(args, models, captions, cached, trained_tes, device)
 
     step = lora_training_step(trainer, args, models, network, opt, latents, conditioning, dtype=dtype)
+    if a.cuda_graph:
+        step = graphed(step, device)
     try:
         times, _ = time_steps(step, a.steps, device)
     except torch.cuda.OutOfMemoryError:
@@ -190,7 +193,7 @@ def main() -> None:
     out = {
         "model": ("tiny-" if a.tiny else "") + ("chroma" if chroma else "flux1-dev"),
         "train_text_encoders": a.train_text_encoders, "device": device_name(device),
-        "size": a.size, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt, "compile": a.compile,
+        "size": a.size, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt, "compile": a.compile, "cuda_graph": a.cuda_graph,
         "attention": a.attention, "sdpa_kernels": a.sdpa_kernels, "blocks_to_swap": placement.blocks_to_swap, "memory_cap_gib": a.memory_cap_gib, "oom": False, "fp8_base": a.fp8_base, "cpu_offload_checkpointing": a.cpu_offload_checkpointing,
         "fp8": fp8_report, "fp8_matmul": a.fp8_matmul if a.fp8_base else None, "swap": placement.message,
         "fallback_loads": placement.swap.stats.fallback_loads if placement.swap else None,

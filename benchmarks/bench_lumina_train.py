@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_common import (billions_of_parameters, device_name, lora_training_step,  # noqa: E402
+from benchmarks.bench_common import (add_cuda_graph_argument, graphed, billions_of_parameters, device_name, lora_training_step,  # noqa: E402
                                      ready_to_train, time_steps, timing_fields)
 from library.attention import set_attention_backend  # noqa: E402
 from library.errors import ConfigError  # noqa: E402
@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="--torch_compile: compile each of the 26 layers")
     ap.add_argument("--peak_tflops", type=float, default=790.0, help="measured bf16 matmul peak of the GPU")
     ap.add_argument("--optimizer", default="AdamW")
+    add_cuda_graph_argument(ap)
     a = ap.parse_args()
     if not 1 <= a.cap_tokens <= a.cap_len:
         ap.error("--cap_tokens must lie in 1..--cap_len")
@@ -96,7 +97,8 @@ def main() -> None:
 
     network = lora_lumina.create_network(1.0, a.rank, a.rank, None, None, dit)
     network.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
-    opt = ready_to_train(network, trainer, models, device, optimizer=a.optimizer, compile=a.compile)
+    opt = ready_to_train(network, trainer, models, device, optimizer=a.optimizer, compile=a.compile,
+                         capturable=a.cuda_graph)
 
     lat = a.size // 8
     latents = torch.randn(a.batch, params.in_channels, lat, lat, device=device)
@@ -106,6 +108,8 @@ def main() -> None:
             "attention_mask": mask, "input_ids": torch.zeros(a.batch, a.cap_len, dtype=torch.long, device=device)}
 
     step = lora_training_step(trainer, args, models, network, opt, latents, text, dtype=dtype)
+    if a.cuda_graph:
+        step = graphed(step, device)
     times, _ = time_steps(step, a.steps, device)
     img_tokens = (lat // params.patch_size) ** 2
     flops = useful_flops(params, img_tokens, a.cap_tokens, a.batch)
@@ -114,7 +118,7 @@ def main() -> None:
         "device": device_name(device), "dit_params_b": billions_of_parameters(dit),
         "attention": "flash" if a.use_flash_attn else "sdpa", "size": a.size, "batch": a.batch,
         "cap_len": a.cap_len, "cap_tokens": a.cap_tokens, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt,
-        "compile": a.compile, "lora_modules": len(network.loras),
+        "compile": a.compile, "cuda_graph": a.cuda_graph, "lora_modules": len(network.loras),
         **timing_fields(times, device, build_s=build_s, flops_per_step=flops, peak_tflops=a.peak_tflops,
                         tflop_digits=4),
     }

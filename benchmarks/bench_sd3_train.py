@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_common import (billions_of_parameters, device_name, lora_training_step,  # noqa: E402
+from benchmarks.bench_common import (add_cuda_graph_argument, graphed, billions_of_parameters, device_name, lora_training_step,  # noqa: E402
                                      ready_to_train, time_steps, timing_fields)
 from library.sd3.model import VARIANTS  # noqa: E402
 from library.sd3.text import CLIP_MAX_LENGTH  # noqa: E402
@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--optimizer", default="AdamW")
     ap.add_argument("--weighting_scheme", default="uniform")
     ap.add_argument("--compile", action="store_true", help="--torch_compile: compile each block")
+    add_cuda_graph_argument(ap)
     a = ap.parse_args()
 
     device = torch.device(a.device)
@@ -89,7 +90,8 @@ def main() -> None:
 
     network = lora_sd3.create_network(1.0, a.rank, a.rank, None, None, mmdit)
     network.apply_to(apply_text_encoder=False, apply_unet=True)
-    opt = ready_to_train(network, trainer, models, device, optimizer=a.optimizer, compile=a.compile)
+    opt = ready_to_train(network, trainer, models, device, optimizer=a.optimizer, compile=a.compile,
+                         capturable=a.cuda_graph)
 
     b, lat_hw = a.batch, a.size // 8
     latents = torch.randn(b, params.in_channels, lat_hw, lat_hw, device=device)
@@ -102,6 +104,8 @@ def main() -> None:
             "t5_attn_mask": torch.ones(b, a.t5_len, dtype=torch.long, device=device)}
 
     step = lora_training_step(trainer, args, models, network, opt, latents, text, dtype=dtype)
+    if a.cuda_graph:
+        step = graphed(step, device)
     times, last_loss = time_steps(step, a.steps, device)
     img_tokens = (lat_hw // params.patch_size) ** 2
     flops = useful_flops(params, img_tokens, CLIP_MAX_LENGTH + a.t5_len) * b
@@ -109,7 +113,7 @@ def main() -> None:
         "model": ("tiny-" if a.tiny else "") + VARIANTS[a.variant].label.replace(" ", "-").lower(),
         "device": device_name(device),
         "size": a.size, "batch": b, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt,
-        "compile": a.compile, "weighting_scheme": a.weighting_scheme, "dit_params_b": billions_of_parameters(mmdit),
+        "compile": a.compile, "cuda_graph": a.cuda_graph, "weighting_scheme": a.weighting_scheme, "dit_params_b": billions_of_parameters(mmdit),
         "lora_modules": len(network.loras), "last_loss": round(float(last_loss), 4),
         **timing_fields(times, device, build_s=build_s, flops_per_step=flops, peak_tflops=a.peak_tflops),
     }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: everything that needs CUDA, logs to $OUT. Usage on the GPU machine:
-#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|all]
+#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|graphs|all]
 #     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 #     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
@@ -14,6 +14,8 @@
 #     launch_families: launch to first step of SD3.5 Large, Lumina 2 and Anima at full size
 #     fp8:      fp8 GPU tests, upcast microbenchmark, FLUX step bf16 vs --fp8_base
 #     final:    GPU tests, FLUX step plain / swap 18 / fp8, the other families' steps, launch, auto at 16 GiB
+#     graphs:   GPU tests (LoRA, fp8), FLUX step eager (profiled) and as one CUDA graph (eager, compiled,
+#               fp8), the other families' steps as CUDA graphs, auto at 16 GiB probed further down
 set -uo pipefail
 WHAT=${1:-all}
 
@@ -39,6 +41,27 @@ OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch,transformers,accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)" | tee -a "$OUT/gpu.txt"
+
+if [ "$WHAT" = graphs ]; then
+  echo "== GPU tests: LoRA and fp8"
+  timeout 90 python3 -m pytest -q -m gpu tests/test_fp8_gpu.py tests/test_lora_core.py -p no:randomly 2>&1 | tail -2 | tee "$OUT/gpu_tests.log"
+  echo "== FLUX.1-dev step: eager (profiled), then captured as one CUDA graph: eager, compiled, fp8"
+  timeout 90 python3 benchmarks/bench_flux_train.py --device cuda --steps 12 --profile \
+    --profile_tables "$OUT/prof_eager.txt" 2>/dev/null | tail -1 | tee -a "$OUT/graphs.jsonl"
+  for extra in "--cuda_graph --profile" "--cuda_graph --compile" "--cuda_graph --fp8_base"; do
+    timeout 150 python3 benchmarks/bench_flux_train.py --device cuda --steps 15 $extra \
+      --profile_tables "$OUT/prof_graph.txt" 2>>"$OUT/graphs_err.log" | tail -1 | tee -a "$OUT/graphs.jsonl"
+  done
+  echo "== SD3.5 Large, Lumina 2, Anima steps as CUDA graphs"
+  for fam in sd3 lumina anima; do
+    timeout 100 python3 benchmarks/bench_${fam}_train.py --device cuda --steps 15 --cuda_graph \
+      2>>"$OUT/graphs_err.log" | tail -1 | tee -a "$OUT/graphs.jsonl"
+  done
+  echo "== --blocks_to_swap auto under a 16 GiB cap, probed further below auto's choice"
+  timeout 200 python3 benchmarks/bench_auto_swap.py --caps 16 --max_probes 5 --out "$OUT/auto_swap16.jsonl" \
+    2>&1 | tail -2
+  exit 0
+fi
 
 if [ "$WHAT" = probe ]; then
   echo "== GPU tests: straight-to-GPU reads"

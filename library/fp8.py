@@ -199,7 +199,8 @@ def _matmul(a: Tensor, b: Tensor, scale: float, bias: Tensor | None) -> Tensor:
             out = torch.addmm(a2d.new_zeros(()), a2d, b, beta=0, alpha=scale)
     else:
         out = torch.addmm(bias, a2d, b, alpha=scale)
-    return out.reshape(*a.shape[:-1], b.shape[1])
+    # 2-D in, the GEMM's own output out (not a view of it: a LoRA may add into it in place)
+    return out if a.dim() == 2 else out.reshape(*a.shape[:-1], b.shape[1])
 
 
 def _wants_scaled_mm(mode: str, x: Tensor, weight: Tensor) -> bool:
@@ -287,4 +288,4 @@ def _scaled_mm_linear(x: Tensor, weight: Tensor, w_scale: Tensor, bias: Tensor |
                          use_fast_accum=SCALED_MM_FAST_ACCUM)
     if bias is not None:
         y = y + bias
-    return y.reshape(*shape[:-1], n)
+    return y if x.dim() == 2 else y.reshape(*shape[:-1], n)

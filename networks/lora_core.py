@@ -339,7 +339,14 @@ class LoRAModule(nn.Module):
             return F.linear(x, noise)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self._org_forward(x, *args, **kwargs)
+        fused_add = self.split_dims is None and isinstance(self.lora_up, nn.Linear) and not args and not kwargs
+        if fused_add:
+            # The base layer on the tokens as rows: its output is then a fresh 2-D tensor (not a
+            # view) that the up-projection's GEMM can add into in place, below.
+            base_out = self._org_forward(x.reshape(-1, x.shape[-1]))
+            out = base_out.view(*x.shape[:-1], base_out.shape[-1])
+        else:
+            base_out = out = self._org_forward(x, *args, **kwargs)
         if self.multiplier == 0.0 and not torch.is_grad_enabled():
             return out  # e.g. sampling "without LoRA" or a multiplier-0 prior prediction
         if self.module_dropout is not None and self.training and float(torch.rand(())) < self.module_dropout:
@@ -359,12 +366,17 @@ class LoRAModule(nn.Module):
             lx = lx * keep.to(lx.dtype)
             scale = scale / (1.0 - self.rank_dropout)  # keep the expected output unchanged
         factor = self.multiplier * scale
-        if self.split_dims is None and isinstance(self.lora_up, nn.Linear) and lx.dtype == out.dtype:
-            # out + factor * (lx @ up^T) as one GEMM with the add in its epilogue (no separate
-            # elementwise pass over the layer's output)
-            w = self.lora_up.weight.to(lx.dtype)
-            n = out.shape[-1]
-            out = torch.addmm(out.reshape(-1, n), lx.reshape(-1, lx.shape[-1]), w.t(), alpha=factor).view(out.shape)
+        if fused_add and lx.dtype == out.dtype:
+            # out += factor * (lx @ up^T) as one GEMM adding into the layer's output in its
+            # epilogue: no elementwise pass over the output, and in place, so no copy of it either
+            # (an out-of-place addmm copies its input first: 648 device copies per FLUX step).
+            # In place only where autograd allows it: the base output must not be a view (a
+            # custom Function's output may be) and nothing may have saved it for its backward.
+            w, lx2d = self.lora_up.weight.to(lx.dtype), lx.reshape(-1, lx.shape[-1])
+            if base_out._is_view() or not base_out.is_contiguous():
+                out = torch.addmm(base_out, lx2d, w.t(), alpha=factor).view(out.shape)
+            else:
+                out = base_out.addmm_(lx2d, w.t(), alpha=factor).view(out.shape)
         else:
             delta = self._up(lx)
             out = out + (delta * factor).to(out.dtype)

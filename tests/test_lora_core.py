@@ -95,6 +95,61 @@ def test_forward_is_base_plus_multiplier_times_alpha_over_rank(alpha, expected_s
     torch.testing.assert_close(layer(x), base_out + 2 * expected_scale * (x @ m.lora_down.weight.T @ m.lora_up.weight.T))
 
 
+class _ViewOutput(torch.autograd.Function):
+    """A base layer whose output is a view made inside a custom Function (as fp8's once was)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(weight)
+        return (x @ weight.t()).reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight, None
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+@pytest.mark.parametrize("base_kind", ["linear", "view_output", "stacked"])
+def test_lora_add_into_the_base_output_keeps_values_and_gradients(base_kind, device):
+    # The up-projection adds into the base layer's output in place where autograd allows it;
+    # where the output is a view (a custom Function's, or another LoRA's) it must not.
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 6).to(device)
+    if base_kind == "view_output":
+        layer.forward = lambda x: _ViewOutput.apply(x, layer.weight)
+    x = torch.randn(2, 3, 8, device=device, requires_grad=True)
+    nets = [LoRANetwork([LayerRef("lora_unet_fc", layer).target(4, 2.0)], family="Tiny")
+            for _ in range(2 if base_kind == "stacked" else 1)]
+    for net in nets:
+        net.to(device)
+        with torch.no_grad():
+            net.loras[0].lora_up.weight.normal_()
+    with torch.no_grad():
+        expected = x @ layer.weight.T + (layer.bias if base_kind != "view_output" else 0)
+        for net in nets:
+            m = net.loras[0]
+            expected = expected + 0.5 * (x @ m.lora_down.weight.T @ m.lora_up.weight.T)
+    for net in nets:
+        net.apply_to(apply_text_encoder=False, apply_unet=True)
+    out = layer(x)
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    x_grad, ups = x.grad.clone(), [net.loras[0].lora_up.weight.grad.clone() for net in nets]
+
+    # the same math written out, without the LoRA modules
+    x.grad = None
+    y = x @ layer.weight.T + (layer.bias if base_kind != "view_output" else 0)
+    ups_ref = [net.loras[0].lora_up.weight.detach().clone().requires_grad_() for net in nets]
+    for net, up in zip(nets, ups_ref):
+        y = y + 0.5 * (x @ net.loras[0].lora_down.weight.detach().T @ up.T)
+    y.square().sum().backward()
+    torch.testing.assert_close(x_grad, x.grad)
+    for got, ref in zip(ups, ups_ref):
+        torch.testing.assert_close(got, ref.grad)
+
+
 def test_lora_keeps_a_reference_to_the_base_layer_and_never_copies_it():
     model = TinyMLP()
     net = build(model)
