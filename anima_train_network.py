@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from library.anima import sampling as anima_sampling
 from library.anima.arguments import add_anima_arguments, apply_attention_options, check_anima_arguments
-from library.anima.loading import load_anima_dit
+from library.anima.loading import inspect_anima_checkpoint, load_anima_dit
 from library.anima.text import AnimaTextCacheEncoder, AnimaTextEncoding, AnimaTextOutputs
 from library.anima.vae import load_qwen_image_vae
 from library.errors import ConfigError
@@ -29,6 +30,7 @@ from library.latent_cache import LatentCacheAdapter
 from library.text_encoders import file_fingerprint
 from library.training.flow_matching import add_flow_matching_arguments
 from library.training.flow_trainer import FlowMatchingTrainer
+from library.training.model_loading import load_dit_beside, load_with_cpu_fallback
 from library.training.sample_prompts import SamplePrompt, load_sample_prompts
 from library.training.trainer import FamilyModels, NoisyInput, parse_network_args
 from library.training import memory
@@ -219,17 +221,31 @@ class AnimaNetworkTrainer(FlowMatchingTrainer):
 
     # ---- models -------------------------------------------------------------------------------
     def load_models(self, args, device, weight_dtype) -> FamilyModels:
-        where = memory.load_device(args, device)   # the GPU with --lowram, else the CPU
-        dit, info = load_anima_dit(args.pretrained_model_name_or_path, llm_adapter_path=args.llm_adapter_path,
-                                   device=where, dtype=weight_dtype)
-        apply_attention_options(args, dit)
-        vae = load_qwen_image_vae(args.vae, device=where, dtype=weight_dtype, chunk_size=args.vae_chunk_size,
-                                  disable_cache=args.vae_disable_cache)
-        text = AnimaTextEncoding.from_files(
-            args.qwen3, t5_tokenizer_path=args.t5_tokenizer_path, tokenizer_cache_dir=args.tokenizer_cache_dir,
-            qwen3_max_length=args.qwen3_max_token_length, t5_max_length=args.t5_max_token_length, device=where,
-            dtype=weight_dtype)
-        self.check_network_args_early(args, dit)
+        dit_files = [args.pretrained_model_name_or_path, args.llm_adapter_path]
+        where = memory.load_device(args, device, dit_files + [args.vae, args.qwen3])
+        inspect_anima_checkpoint(args.pretrained_model_name_or_path, args.llm_adapter_path)   # a wrong file fails now
+        models = load_with_cpu_fallback(
+            args, where, lambda where: self._load_models(args, where, weight_dtype, dit_files))
+        apply_attention_options(args, models.denoiser)
+        self.check_network_args_early(args, models.denoiser)
+        return models
+
+    def _load_models(self, args, where, weight_dtype, dit_files) -> FamilyModels:
+        def encoders():
+            vae = load_qwen_image_vae(args.vae, device=where, dtype=weight_dtype, chunk_size=args.vae_chunk_size,
+                                      disable_cache=args.vae_disable_cache)
+            text = AnimaTextEncoding.from_files(
+                args.qwen3, t5_tokenizer_path=args.t5_tokenizer_path, tokenizer_cache_dir=args.tokenizer_cache_dir,
+                qwen3_max_length=args.qwen3_max_token_length, t5_max_length=args.t5_max_token_length, device=where,
+                dtype=weight_dtype)
+            return vae, text
+
+        # a .pth VAE is read by torch.load, not prefetched
+        vae_file = args.vae if Path(args.vae).suffix == ".safetensors" else None
+        (dit, info), (vae, text) = load_dit_beside(
+            where, lambda: load_anima_dit(args.pretrained_model_name_or_path, llm_adapter_path=args.llm_adapter_path,
+                                          device=where, dtype=weight_dtype),
+            encoders, dit_files=dit_files, other_files=[vae_file, args.qwen3])
         return FamilyModels(denoiser=dit, text_encoders=[text.qwen3], vae=vae, info=info,
                             extra={"text": text, "compute_dtype": weight_dtype})
 

@@ -11,13 +11,10 @@ its files, its text encoding, packing latents into tokens, guidance, and its sam
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
-from concurrent import futures
 
 import torch
 
-from library.device_reader import run_beside
 from library.errors import ConfigError
 from library.offload import estimate_activation_bytes, resolve_deprecated_swap_options
 from library.flux import sampling as flux_sampling
@@ -25,11 +22,11 @@ from library.flux.loading import check_flux_checkpoint, load_flux_dit
 from library.flux.text import FluxTextCacheEncoder, FluxTextEncoding, FluxTextOutputs
 from library.autoencoders import load_flux_ae
 from library.latent_cache import LatentCacheAdapter
-from library.safetensors_io import drop_prefetched, prefetch
 from library.text_encoders import file_fingerprint
 from library.training import memory
 from library.training.flow_trainer import FlowMatchingTrainer
 from library.training.flow_matching import add_flow_matching_arguments
+from library.training.model_loading import load_dit_beside, load_with_cpu_fallback
 from library.training.trainer import FamilyModels, NoisyInput
 from networks.lora_flux import CLIP_L_INDEX, T5_INDEX
 from networks.network_args import parse_bool_arg
@@ -110,37 +107,21 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
         variant = check_flux_checkpoint(args.pretrained_model_name_or_path, args.model_type).variant  # a wrong file fails now
         if args.t5xxl_max_token_length is None:
             args.t5xxl_max_token_length = 256 if variant == "schnell" else 512
-        try:
-            return self._load_models(args, where, weight_dtype, clip_l)
-        except torch.cuda.OutOfMemoryError:
-            if where == "cpu" or args.lowram:
-                raise
-        # Out here, not in the except block: its traceback holds the half-loaded models on the GPU.
-        print("note: the GPU ran out of memory while the models were read straight into it (does another process "
-              "use it?); loading them into CPU memory instead")
-        gc.collect()
-        torch.cuda.empty_cache()
-        return self._load_models(args, "cpu", weight_dtype, clip_l)
+        return load_with_cpu_fallback(args, where, lambda where: self._load_models(args, where, weight_dtype, clip_l))
 
     def _load_models(self, args, where, weight_dtype, clip_l: str | None) -> FamilyModels:
-        for path in (args.ae, args.t5xxl, clip_l):
-            if path is not None:   # on a GPU: read while the modules are built (the import of transformers...)
-                prefetch(path, where)
-        # the DiT's reads run beside the text encoders' loading (mostly Python: imports, module building)
-        dit_job = run_beside(load_flux_dit, where, args.pretrained_model_name_or_path,
-                             model_type=args.model_type, device=where, dtype=weight_dtype)
-        try:
+        def encoders():
             ae = load_flux_ae(args.ae, device=where, dtype=weight_dtype)
             text = FluxTextEncoding.from_files(
                 clip_l_path=clip_l, t5xxl_path=args.t5xxl, t5_max_length=args.t5xxl_max_token_length,
                 apply_t5_attn_mask=args.apply_t5_attn_mask, tokenizer_cache_dir=args.tokenizer_cache_dir,
                 device=where, dtype=weight_dtype, t5_fp8_storage=args.fp8_base and not args.fp8_base_unet)
-        except BaseException:
-            futures.wait([dit_job])   # the DiT's reads end before the error goes on (a retry needs the memory)
-            raise
-        finally:
-            drop_prefetched()   # a file refused before its read was taken must not hold GPU memory
-        dit, info = dit_job.result()
+            return ae, text
+
+        (dit, info), (ae, text) = load_dit_beside(
+            where, lambda: load_flux_dit(args.pretrained_model_name_or_path, model_type=args.model_type,
+                                         device=where, dtype=weight_dtype),
+            encoders, dit_files=[args.pretrained_model_name_or_path], other_files=[args.ae, args.t5xxl, clip_l])
         return FamilyModels(denoiser=dit, text_encoders=[text.clip_l, text.t5], vae=ae, info=info,
                             extra={"text": text})
 

@@ -25,7 +25,7 @@ from library.autoencoders import load_flux_ae
 from library.errors import ConfigError
 from library.fp8 import quantize_linears_
 from library.latent_cache import LatentCacheAdapter
-from library.lumina.loading import describe_variant, load_lumina_dit
+from library.lumina.loading import describe_variant, inspect_lumina_checkpoint, load_lumina_dit
 from library.lumina.model import VARIANTS
 from library.lumina.sampling import (DEFAULT_CFG_SCALE, DEFAULT_CFG_TRUNC_RATIO, DEFAULT_RENORM_CFG, DEFAULT_SHIFT,
                                      DEFAULT_SIZE, DEFAULT_STEPS, LuminaConditioning, generate_image)
@@ -35,6 +35,7 @@ from library.offload import estimate_activation_bytes
 from library.text_encoders import file_fingerprint
 from library.training.flow_matching import add_flow_matching_arguments
 from library.training.flow_trainer import FlowMatchingTrainer
+from library.training.model_loading import load_dit_beside, load_with_cpu_fallback
 from library.training.sample_prompts import SamplePrompt, load_sample_prompts
 from library.training.trainer import FamilyModels, NoisyInput
 from library.training import memory
@@ -132,17 +133,26 @@ class LuminaNetworkTrainer(FlowMatchingTrainer):
         return torch.float32 if weight_dtype == torch.float16 else weight_dtype
 
     def load_models(self, args, device, weight_dtype) -> FamilyModels:
-        where = memory.load_device(args, device)   # the GPU with --lowram, else the CPU
-        dit, info = load_lumina_dit(args.pretrained_model_name_or_path, device=where, dtype=weight_dtype)
-        print(describe_variant(info))
-        ae = load_flux_ae(args.ae, device=where, dtype=weight_dtype)
-        text = LuminaTextEncoding.from_files(
-            gemma2_path=args.gemma2, max_length=args.gemma2_max_token_length, system_prompt=args.system_prompt,
-            tokenizer_cache_dir=args.tokenizer_cache_dir, device=where, dtype=self.gemma2_dtype(weight_dtype))
-        if args.fp8_base and not args.fp8_base_unet:
-            # as sd-scripts: --fp8_base stores the text encoder's matrices in fp8 too (not with --fp8_base_unet)
-            report = quantize_linears_(text.gemma2, [text.gemma2.layers], compute_dtype=self.gemma2_dtype(weight_dtype))
-            print(f"Gemma2: {report}")
+        where = memory.load_device(args, device, [args.pretrained_model_name_or_path, args.ae, args.gemma2])
+        print(describe_variant(inspect_lumina_checkpoint(args.pretrained_model_name_or_path)))   # a wrong file fails now
+        return load_with_cpu_fallback(args, where, lambda where: self._load_models(args, where, weight_dtype))
+
+    def _load_models(self, args, where, weight_dtype) -> FamilyModels:
+        def encoders():
+            ae = load_flux_ae(args.ae, device=where, dtype=weight_dtype)
+            text = LuminaTextEncoding.from_files(
+                gemma2_path=args.gemma2, max_length=args.gemma2_max_token_length, system_prompt=args.system_prompt,
+                tokenizer_cache_dir=args.tokenizer_cache_dir, device=where, dtype=self.gemma2_dtype(weight_dtype))
+            if args.fp8_base and not args.fp8_base_unet:
+                # as sd-scripts: --fp8_base stores the text encoder's matrices in fp8 too (not with --fp8_base_unet)
+                report = quantize_linears_(text.gemma2, [text.gemma2.layers],
+                                           compute_dtype=self.gemma2_dtype(weight_dtype))
+                print(f"Gemma2: {report}")
+            return ae, text
+
+        (dit, info), (ae, text) = load_dit_beside(
+            where, lambda: load_lumina_dit(args.pretrained_model_name_or_path, device=where, dtype=weight_dtype),
+            encoders, dit_files=[args.pretrained_model_name_or_path], other_files=[args.ae, args.gemma2])
         return FamilyModels(denoiser=dit, text_encoders=[text.gemma2], vae=ae, info=info, extra={"text": text})
 
     def model_name(self, models) -> str:

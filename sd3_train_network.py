@@ -24,12 +24,13 @@ from library.errors import ConfigError
 from library.latent_cache import LatentCacheAdapter
 from library.offload import estimate_activation_bytes
 from library.sd3 import sampling as sd3_sampling
-from library.sd3.loading import load_sd3_mmdit, load_sd3_vae
+from library.sd3.loading import inspect_sd3_checkpoint, load_sd3_mmdit, load_sd3_vae
 from library.sd3.pos_embed import latent_sizes_for_resolutions
 from library.sd3.text import DEFAULT_T5_MAX_LENGTH, SD3TextCacheEncoder, SD3TextEncoding, SD3TextOutputs, TextDropout
 from library.text_encoders import file_fingerprint
 from library.training import flow_matching as fm
 from library.training.losses import LossConfig
+from library.training.model_loading import load_dit_beside, load_with_cpu_fallback
 from library.training.sample_prompts import load_sample_prompts
 from library.training.trainer import FamilyModels, NetworkTrainer, NoisyInput
 from library.training import memory
@@ -139,20 +140,33 @@ class SD3NetworkTrainer(NetworkTrainer):
 
     # ---- models -------------------------------------------------------------------------------
     def load_models(self, args, device, weight_dtype) -> FamilyModels:
-        where = memory.load_device(args, device)   # the GPU with --lowram, else the CPU
         checkpoint = args.pretrained_model_name_or_path
-        mmdit, info = load_sd3_mmdit(checkpoint, device=where, dtype=weight_dtype)
-        mmdit.set_pos_emb_random_crop_rate(args.pos_emb_random_crop_rate)
+        where = memory.load_device(args, device, [checkpoint, args.vae, args.clip_l, args.clip_g, args.t5xxl])
+        info = inspect_sd3_checkpoint(checkpoint)   # a wrong file fails now, before anything loads
         print(f"{checkpoint}: {info.variant.label}, {info.params.depth} blocks")
         if args.enable_scaled_pos_embed and info.variant.name != "5-medium":
             print(f"note: --enable_scaled_pos_embed is an experimental feature meant for SD3.5 Medium; "
                   f"using it with {info.variant.label}")
-        vae = load_sd3_vae(checkpoint, args.vae, device=where, dtype=weight_dtype)
-        text = SD3TextEncoding.from_files(
-            checkpoint=checkpoint, clip_l_path=args.clip_l, clip_g_path=args.clip_g, t5xxl_path=args.t5xxl,
-            t5_max_length=args.t5xxl_max_token_length, apply_lg_attn_mask=args.apply_lg_attn_mask,
-            apply_t5_attn_mask=args.apply_t5_attn_mask, tokenizer_cache_dir=args.tokenizer_cache_dir,
-            device=where, dtype=weight_dtype, context_width=info.params.context_in_features)
+        return load_with_cpu_fallback(
+            args, where, lambda where: self._load_models(args, where, weight_dtype, info.params.context_in_features))
+
+    def _load_models(self, args, where, weight_dtype, context_width: int) -> FamilyModels:
+        checkpoint = args.pretrained_model_name_or_path
+
+        def encoders():
+            vae = load_sd3_vae(checkpoint, args.vae, device=where, dtype=weight_dtype)
+            text = SD3TextEncoding.from_files(
+                checkpoint=checkpoint, clip_l_path=args.clip_l, clip_g_path=args.clip_g, t5xxl_path=args.t5xxl,
+                t5_max_length=args.t5xxl_max_token_length, apply_lg_attn_mask=args.apply_lg_attn_mask,
+                apply_t5_attn_mask=args.apply_t5_attn_mask, tokenizer_cache_dir=args.tokenizer_cache_dir,
+                device=where, dtype=weight_dtype, context_width=context_width)
+            return vae, text
+
+        # separate files are prefetched; the parts inside the checkpoint are read with their own keys
+        (mmdit, info), (vae, text) = load_dit_beside(
+            where, lambda: load_sd3_mmdit(checkpoint, device=where, dtype=weight_dtype), encoders,
+            dit_files=[checkpoint], other_files=[args.vae, args.clip_l, args.clip_g, args.t5xxl])
+        mmdit.set_pos_emb_random_crop_rate(args.pos_emb_random_crop_rate)
         return FamilyModels(denoiser=mmdit, text_encoders=[text.clip_l, text.clip_g, text.t5], vae=vae, info=info,
                             extra={"text": text, "vae_file": args.vae or checkpoint})
 

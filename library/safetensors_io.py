@@ -13,6 +13,7 @@ import struct
 import tempfile
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Iterable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -134,6 +135,26 @@ def load_file(path: str | os.PathLike, device: str | torch.device = "cpu",
         for k in keys if keys is not None else f.keys():
             out[k] = f.get_tensor(k)
     return out
+
+
+def load_keys(where: Mapping[str, str | os.PathLike], keys: Iterable[str],
+              device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The tensors `keys` that `where` (tensor name -> its file) places, one load_file per file;
+    names `where` lacks are skipped (left to the caller's own missing-tensor error)."""
+    by_file: dict[str | os.PathLike, list[str]] = {}
+    for key in keys:
+        if key in where:
+            by_file.setdefault(where[key], []).append(key)
+    return {k: t for f, names in by_file.items() for k, t in load_file(f, device=device, keys=names).items()}
+
+
+def read_to_gpu(where: Mapping[str, str | os.PathLike], keys: Iterable[str],
+                device: str | torch.device) -> dict[str, torch.Tensor]:
+    """For a model loader: on a CUDA device, every tensor it needs read straight into GPU memory
+    at once (load_keys); the loader pops each as it uses it, so a cast copy replaces the tensor
+    instead of doubling it. On any other device {}: the loader reads memory-mapped, one tensor at
+    a time."""
+    return load_keys(where, keys, device) if torch.device(device).type == "cuda" else {}
 
 
 def _data_start(path) -> int:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import flux_train_network as ftn
+from library.training import model_loading
 
 
 class FakeText:
@@ -30,7 +31,7 @@ def fake_loaders(monkeypatch):
         return run
 
     monkeypatch.setattr(ftn, "check_flux_checkpoint", lambda *_: SimpleNamespace(variant="dev"))
-    monkeypatch.setattr(ftn, "prefetch", lambda path, where: calls.append(("prefetch", str(where))))
+    monkeypatch.setattr(model_loading, "prefetch", lambda path, where: calls.append(("prefetch", str(where))))
     monkeypatch.setattr(ftn, "load_flux_dit", load("dit"))
     monkeypatch.setattr(ftn, "load_flux_ae", load("ae"))
     monkeypatch.setattr(ftn.FluxTextEncoding, "from_files", lambda **kw: (load("t5")(**kw), FakeText())[1])

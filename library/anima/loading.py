@@ -5,10 +5,10 @@ when present), every size (width, depth 20/28/36 or any other, head size from th
 MLP width, AdaLN-LoRA width, text width, patch sizes) and the LLM adapter's sizes when the file
 holds one. Files of other kinds are refused with a message saying what they look like.
 
-`load_anima_dit` builds the model on the meta device and assigns the tensors read memory-mapped,
-so the weights exist once. The adapter comes from `--llm_adapter_path` when given (its keys with
-or without the `llm_adapter.` prefix), else from the DiT file when `llm_adapter.out_proj.weight`
-is there; a DiT without either is refused.
+`load_anima_dit` builds the model on the meta device and assigns the tensors read memory-mapped
+(to a GPU: read straight into GPU memory), so the weights exist once. The adapter comes from
+`--llm_adapter_path` when given (its keys with or without the `llm_adapter.` prefix), else from
+the DiT file when `llm_adapter.out_proj.weight` is there; a DiT without either is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from library.anima.model import ANIMA_PARAMS, Anima, AnimaParams
 from library.autoencoders import describe_checkpoint
 from library.errors import ModelFileError
 from library.flux.loading import _torch_dtype
-from library.safetensors_io import tensor_shapes
+from library.safetensors_io import read_to_gpu, tensor_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -190,13 +190,21 @@ def load_anima_dit(path: str | os.PathLike, *, llm_adapter_path: str | os.PathLi
                 return adapter, info.adapter_prefix + key[len(ADAPTER_PREFIX):], adapter_keys, info.adapter_path
             return dit, info.prefix + key, dit_keys, info.path
 
+        # To a GPU: the tensors the model needs, read straight into GPU memory at once, file by file (the
+        # DiT file may hold an unused adapter under the names a separate adapter file uses)
+        on_gpu: dict[Path, dict[str, Tensor]] = {}
+        for file, names in {info.path: dit_keys, info.adapter_path: adapter_keys}.items():
+            needed = [name for _, name, _, f in map(source, wanted) if f == file]
+            on_gpu[file] = read_to_gpu(dict.fromkeys(names, file), needed, device)
+
         state = {}
         for key in wanted:
             handle, name, names, file = source(key)
             if name not in names:
                 raise ModelFileError(f"{file}: tensor {name} is missing. The file is incomplete or of another "
                                      "variant; re-download it.")
-            t = handle.get_tensor(name)
+            read = on_gpu[file]
+            t = read.pop(name) if name in read else handle.get_tensor(name)   # popped: a cast copy replaces it
             state[key] = t.to(device=device, dtype=_target_dtype(t, dtype))
 
         # The adapter's own keys are checked above; the DiT's copy is unused when --llm_adapter_path is given.

@@ -107,7 +107,7 @@ def load_qwen3(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         by_file.setdefault(where[own][0], []).append(where[own][1])
     state = {}
     for f, keys in by_file.items():
-        for key, t in load_file(f, keys=keys).items():
+        for key, t in te._popping(load_file(f, device=device, keys=keys)):   # to a GPU: read straight into it
             own = key[len("model."):] if key.startswith("model.") else key
             state[own] = t.to(device=device, dtype=target)
     model.load_state_dict(state, assign=True, strict=True)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from library.autoencoders import describe_checkpoint
 from library.errors import ConfigError, ModelFileError
-from library.safetensors_io import load_file
+from library.safetensors_io import load_file, tensor_shapes
 
 # Per-channel latent statistics of the Qwen-Image VAE (FORMATS 1.5).
 LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -271,20 +271,33 @@ def read_vae_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     return dict(state)
 
 
+def _diffusers_names(path, keys) -> dict[str, str]:
+    """diffusers name -> the file's name, for a VAE in the Wan/ComfyUI layout (maybe behind `vae.`)
+    or diffusers'; files of other kinds are refused by name."""
+    names = {k[len("vae."):] if k.startswith("vae.") else k: k for k in keys}
+    if is_wan_layout(names):
+        return from_wan(names, str(path))
+    if not ("encoder.conv_in.weight" in names and "post_quant_conv.weight" in names
+            and "encoder.down_blocks.0.norm1.gamma" in names):
+        what = describe_checkpoint(names) or "an unknown kind of file"
+        raise ModelFileError(f"{path}: expected the Qwen-Image VAE (qwen_image_vae.safetensors, 16 latent channels), "
+                             f"but this file looks like {what}. Pass the Qwen-Image VAE to --vae.")
+    return names
+
+
 def load_qwen_image_vae(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None, chunk_size: int | None = None,
                         disable_cache: bool = False) -> QwenImageVAE:
-    """Load the Qwen-Image VAE from either layout, refusing files of other kinds by name."""
-    state = read_vae_state_dict(path)
-    state = {k[len("vae."):] if k.startswith("vae.") else k: v for k, v in state.items()}
-    if is_wan_layout(state):
-        state = from_wan(state, str(path))
-    elif not ("encoder.conv_in.weight" in state and "post_quant_conv.weight" in state
-              and "encoder.down_blocks.0.norm1.gamma" in state):
-        what = describe_checkpoint(state) or "an unknown kind of file"
-        raise ModelFileError(f"{path}: expected the Qwen-Image VAE (qwen_image_vae.safetensors, 16 latent channels), "
-                             f"but this file looks like {what}. Pass the Qwen-Image VAE to --vae.")
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    """Load the Qwen-Image VAE from either layout, refusing files of other kinds by name. To a GPU
+    a .safetensors file is checked from its header, then read straight into GPU memory."""
+    state = None
+    if torch.device(device).type == "cuda" and Path(path).suffix == ".safetensors":
+        file_shapes = {k: shape for k, (shape, _) in tensor_shapes(path).items()}
+    else:
+        state = read_vae_state_dict(path)
+        file_shapes = {k: tuple(t.shape) for k, t in state.items()}
+    names = _diffusers_names(path, file_shapes)
+    shapes = {k: file_shapes[f] for k, f in names.items()}
     config = QwenImageVAEConfig.from_shapes(shapes)
     if config.z_dim != LATENT_CHANNELS:
         raise ModelFileError(f"{path}: this VAE has {config.z_dim} latent channels; Anima's Qwen-Image VAE has "
@@ -292,13 +305,15 @@ def load_qwen_image_vae(path: str | os.PathLike, *, device: str | torch.device =
     with torch.device("meta"):
         model = config.build()
     expected = set(model.state_dict())
-    missing = sorted(expected - set(state))
+    missing = sorted(expected - set(names))
     if missing:
         raise ModelFileError(f"{path}: the VAE is missing {len(missing)} tensors (e.g. {missing[:3]}); the file is "
                              "incomplete.")
+    if state is None:
+        state = load_file(path, device=device, keys=[names[k] for k in expected])
     tensors = {}
     for k in expected:
-        t = state[k]
+        t = state.pop(names[k])   # popped: a cast copy replaces it, not doubles it
         target = dtype or (t.dtype if t.element_size() > 1 else torch.float32)
         tensors[k] = t.to(device=device, dtype=target)
     model.load_state_dict(tensors, assign=True, strict=True)

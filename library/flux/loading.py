@@ -28,7 +28,7 @@ from library.autoencoders import describe_checkpoint
 from library.errors import ConfigError, ModelFileError
 from library.flux.chroma import Chroma
 from library.flux.model import VARIANTS, Flux, FluxParams
-from library.safetensors_io import load_file, tensor_shapes
+from library.safetensors_io import read_to_gpu, tensor_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -305,13 +305,6 @@ def _target_dtype(name: str, t: Tensor, requested: torch.dtype | None, path) -> 
     return requested
 
 
-def _read_to_gpu(where: dict[str, Path], keys: set[str], device) -> dict[str, Tensor]:
-    by_file: dict[Path, list[str]] = {}
-    for key in keys & set(where):
-        by_file.setdefault(where[key], []).append(key)
-    return {k: t for f, keys in by_file.items() for k, t in load_file(f, device=device, keys=keys).items()}
-
-
 def check_flux_checkpoint(path: str | os.PathLike, model_type: str = "flux") -> FluxCheckpointInfo:
     """inspect_flux_checkpoint, and an error when the file is not of `model_type` ("flux" or
     "chroma"): headers only, so a wrong file is refused before anything is loaded."""
@@ -348,14 +341,14 @@ def load_flux_dit(path: str | os.PathLike, *, model_type: str = "flux", device: 
         # To a GPU: the tensors the model needs, read straight into GPU memory at once
         needed = ({info.prefix + k for k in wanted} if info.layout == "bfl" else
                   {k for k in where if k.startswith(info.prefix)})
-        on_gpu = _read_to_gpu(where, needed, device) if torch.device(device).type == "cuda" else None
+        on_gpu = read_to_gpu(where, needed, device)
 
         def get(key: str) -> Tensor:
             full = info.prefix + key
             if full not in where:
                 raise ModelFileError(f"{path}: tensor {full} is missing. The file is incomplete or a different "
                                      "variant; re-download it.")
-            if on_gpu is not None and full in on_gpu:   # popped: a cast copy replaces it, not doubles it
+            if full in on_gpu:   # popped: a cast copy replaces it, not doubles it
                 return on_gpu.pop(full)
             return handles[where[full]].get_tensor(full)
 

@@ -23,7 +23,7 @@ import torch
 from library.errors import ModelFileError
 from library.safetensors_io import load_file, tensor_shapes
 from library.text_encoders import (_build_without_weights, _check_complete, _compute_dtype, _find_prefix,
-                                   _max_block, _torch_dtype, bundled_config, load_tokenizer)
+                                   _max_block, _popping, _torch_dtype, bundled_config, load_tokenizer)
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ def load_gemma2(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     target = _compute_dtype(_torch_dtype(raw[prefix + _ANCHOR][1]), dtype)
     if target == torch.float16:
         logger.warning("%s: running Gemma2 in float16 can overflow; use bf16 or fp32 for the text encoder.", path)
-    state = {k[len(prefix):]: t.to(device=device, dtype=target) for k, t in load_file(path, keys=keys).items()}
+    tensors = load_file(path, device=device, keys=keys)   # to a GPU: read straight into GPU memory
+    state = {k[len(prefix):]: t.to(device=device, dtype=target) for k, t in _popping(tensors)}
     model.load_state_dict(state, assign=True, strict=True)
     return model.to(device).eval().requires_grad_(False)
 

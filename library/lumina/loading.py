@@ -9,7 +9,8 @@ qkv height, FFN width, caption width) and dtype; files of other families are ref
 what they look like.
 
 `load_lumina_dit` builds the model on the meta device and assigns the tensors read
-memory-mapped, one at a time, so the weights exist once.
+memory-mapped, one at a time (to a GPU: read straight into GPU memory), so the weights exist
+once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from library.autoencoders import describe_checkpoint
 from library.errors import ConfigError, ModelFileError
 from library.flux.loading import _FP8_DTYPES, _count, _target_dtype, _torch_dtype
 from library.lumina.model import VARIANTS, LuminaParams, NextDiT
-from library.safetensors_io import tensor_shapes
+from library.safetensors_io import read_to_gpu, tensor_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,8 @@ def load_lumina_dit(path: str | os.PathLike, *, device: str | torch.device = "cp
     state = {}
     with safe_open(str(path), framework="pt", device="cpu") as f:
         available = set(f.keys())
+        # To a GPU: the tensors the model needs, read straight into GPU memory at once
+        on_gpu = read_to_gpu(dict.fromkeys(available, path), [info.prefix + k for k in wanted], device)
         for key in wanted:
             full = info.prefix + key
             if full not in available:
@@ -146,7 +149,7 @@ def load_lumina_dit(path: str | os.PathLike, *, device: str | torch.device = "cp
                     continue
                 raise ModelFileError(f"{path}: tensor {full} is missing. The file is incomplete or a different "
                                      "variant; re-download it.")
-            t = f.get_tensor(full)
+            t = on_gpu.pop(full) if full in on_gpu else f.get_tensor(full)   # popped: a cast copy replaces it
             state[key] = t.to(device=device, dtype=_target_dtype(key, t, dtype, path))
         extra = {k[len(info.prefix):] for k in available if k.startswith(info.prefix)} - set(wanted)
     if extra:

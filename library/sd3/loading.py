@@ -9,9 +9,10 @@ file holds: the VAE (`first_stage_model.`) and CLIP-L / CLIP-G / T5-XXL
 says what they look like.
 
 `load_sd3_mmdit` builds the model on the meta device and assigns the tensors read
-memory-mapped, so the weights exist once. `load_sd3_vae`, `load_sd3_clip_l`, `load_sd3_clip_g`
-and `load_sd3_t5xxl` take the part from a separate file when one is given (--vae, --clip_l...),
-else from the checkpoint, and say clearly when neither has it.
+memory-mapped (to a GPU: read straight into GPU memory), so the weights exist once.
+`load_sd3_vae`, `load_sd3_clip_l`, `load_sd3_clip_g` and `load_sd3_t5xxl` take the part from a
+separate file when one is given (--vae, --clip_l...), else from the checkpoint, and say clearly
+when neither has it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import nn
 
 from library.autoencoders import SD3_VAE_SCALING, AutoEncoder, describe_checkpoint, find_ae_prefix, load_autoencoder
 from library.errors import ConfigError, ModelFileError
-from library.safetensors_io import tensor_shapes
+from library.safetensors_io import read_to_gpu, tensor_shapes
 from library.sd3.model import HEAD_DIM, VARIANTS, MMDiT, SD3Params, SD3Variant, variant_name
 
 logger = logging.getLogger(__name__)
@@ -178,9 +179,12 @@ def load_sd3_mmdit(path: str | os.PathLike, *, device: str | torch.device = "cpu
         if missing:
             raise ModelFileError(f"{path}: {len(missing)} MMDiT tensors are missing, e.g. {missing[:3]}. The file "
                                  "is incomplete or a different variant; re-download it.")
+        # To a GPU: the tensors the model needs, read straight into GPU memory at once
+        on_gpu = read_to_gpu(dict.fromkeys(present, info.path), [info.prefix + k for k in wanted], device)
         state = {}
         for key in wanted:
-            t = f.get_tensor(info.prefix + key)
+            full = info.prefix + key
+            t = on_gpu.pop(full) if full in on_gpu else f.get_tensor(full)   # popped: a cast copy replaces it
             state[key] = t.to(device=device, dtype=_target_dtype(t, dtype))
     own = {k for k in present if k.startswith(info.prefix)} if info.prefix else \
         {k for k in present if not k.startswith(("first_stage_model.", "text_encoders."))}

@@ -53,7 +53,8 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
                         "more VRAM); without it, text encoders whose outputs are cached are released")
     g.add_argument("--lowram", action="store_true",
                    help="load the models straight to the GPU instead of CPU memory (machines with more VRAM "
-                        "than RAM). FLUX does so anyway when all its files fit in the GPU's free memory")
+                        "than RAM). The DiT families (FLUX, SD3, Lumina, Anima) do so anyway when all their "
+                        "files fit in the GPU's free memory")
     g.add_argument("--disable_mmap_load_safetensors", action="store_true",
                    help="read .safetensors files with plain reads instead of memory-mapping them (helps on "
                         "Windows and network drives)")
@@ -91,17 +92,18 @@ def load_device(args, device: torch.device, files: Sequence[str | os.PathLike | 
     """Where a family's load_models puts the models.
 
     - --lowram: the GPU (as sd-scripts: spare the host's memory);
-    - straight to the GPU also when every model file (`files`) fits in what the GPU has free,
-      with LOAD_TO_GPU_RESERVE_BYTES to spare, and no --blocks_to_swap asks for weights in CPU
-      memory: the files are read into GPU memory through pinned buffers, skipping a CPU copy of
-      every weight and the move afterwards (most of the launch time of a 12B model);
+    - straight to the GPU also when every model file (`files`; one named twice counts once) fits
+      in what the GPU has free, with LOAD_TO_GPU_RESERVE_BYTES to spare, and no --blocks_to_swap
+      asks for weights in CPU memory: the files are read into GPU memory through pinned buffers,
+      skipping a CPU copy of every weight and the move afterwards (most of the launch time of a
+      12B model);
     - else the CPU; the models are moved when needed."""
     if args.lowram:
         return device
     device = torch.device(device)
     if device.type != "cuda" or args.blocks_to_swap not in (None, 0):
         return "cpu"
-    files = [f for f in files if f is not None]
+    files = list(dict.fromkeys(os.path.realpath(f) for f in files if f is not None))   # a file named twice counts once
     if not files or not all(os.path.isfile(f) for f in files):   # a folder (diffusers layout): not sized here
         return "cpu"
     need = sum(os.path.getsize(f) for f in files)
