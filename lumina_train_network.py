@@ -55,6 +55,10 @@ class LuminaNetworkTrainer(FlowMatchingTrainer):
     reso_step_multiple = 16
     default_resolution = 1024
 
+    def cuda_graph_blockers(self, args) -> list[str]:
+        return ["Lumina's forward packs each caption by its length, which it reads from the mask to Python "
+                "every step"]
+
     def add_family_arguments(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("Lumina Image 2.0")
         g.add_argument("--gemma2", type=str, default=None,

@@ -55,6 +55,11 @@ class SD3NetworkTrainer(NetworkTrainer):
     default_resolution = 1024
     _dropout = TextDropout()   # set from the options by validate_family_args
 
+    def cuda_graph_blockers(self, args) -> list[str]:
+        drawn_on_cpu = [f"--{name}" for name in ("clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate",
+                                                 "pos_emb_random_crop_rate") if getattr(args, name, 0)]
+        return [f"{', '.join(drawn_on_cpu)} (drawn on the CPU each step)"] if drawn_on_cpu else []
+
     # ---- options ------------------------------------------------------------------------------
     def add_family_arguments(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("SD3 / SD3.5 model files and text")

@@ -72,6 +72,10 @@ class SDNetworkTrainer(NetworkTrainer):
     # SD maps these onto its UNet's attention (xformers when installed, SDPA for --mem_eff_attn).
     handled_options = frozenset({"xformers", "mem_eff_attn"})
 
+    def cuda_graph_blockers(self, args) -> list[str]:
+        return ["SD 1.x/2.x draws its timesteps on the CPU each step (as sd-scripts does, for the same "
+                "random stream)"]
+
     def check_args(self, args) -> None:
         super().check_args(args)
         if args.xformers:

@@ -16,6 +16,7 @@ from torch import nn
 
 from library.training.losses import compute_per_sample_loss
 from library.training.optimizers import build_optimizer
+from library.training.step_graphs import StepGraphs
 from library.training.trainer import compile_blocks
 
 # The TARGETS.md setting's learning rate, for every LoRA parameter.
@@ -62,32 +63,21 @@ def add_cuda_graph_argument(ap: Any) -> None:
                          "graph and time its replays: what the step costs without per-kernel host work")
 
 
-def graphed(step: Callable[[], torch.Tensor], device: torch.device, *, warmup: int = 3) -> Callable[[], torch.Tensor]:
-    """`step` captured as one CUDA graph; the returned function replays it and returns the
-    captured loss tensor (refilled by each replay). The step must not synchronise with the host:
-    a first eager step runs with synchronisation errors on, so that one that does fails here
-    with the place in its traceback instead of breaking the capture obscurely. Warm-up steps
-    run on a side stream (the capture's rule), which also fills the optimizer's state."""
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step()
+def graphed(step: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
+    """`step` run through the trainer's --cuda_graph machinery (library/training/step_graphs.py):
+    eager twice (the second time with CUDA's synchronisation check), then recorded and replayed.
+    A step that cannot be recorded fails here, with the reason, rather than timing eager steps."""
+    graphs = StepGraphs(lambda _inputs, _key: step(), device)
 
-    def replay() -> torch.Tensor:
-        graph.replay()
+    def run() -> torch.Tensor:
+        loss = graphs({})
+        if graphs.disabled_because is not None:
+            raise RuntimeError(f"--cuda_graph turned itself off: {graphs.disabled_because}")
         return loss
 
-    return replay
+    for _ in range(3):   # eager, checked, recorded
+        run()
+    return run
 
 
 def lora_training_step(trainer: Any, args: Any, models: Any, network: Any, optimizer: torch.optim.Optimizer,

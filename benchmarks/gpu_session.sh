@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: everything that needs CUDA, logs to $OUT. Usage on the GPU machine:
-#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|graphs|all]
+#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|graphs|graphs_launch|all]
 #     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 #     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
@@ -16,6 +16,8 @@
 #     final:    GPU tests, FLUX step plain / swap 18 / fp8, the other families' steps, launch, auto at 16 GiB
 #     graphs:   GPU tests (LoRA, fp8), FLUX step eager (profiled) and as one CUDA graph (eager, compiled,
 #               fp8), the other families' steps as CUDA graphs, auto at 16 GiB probed further down
+#     graphs_launch: --cuda_graph GPU tests (trainer vs eager), straight-to-GPU loading tests of every
+#               family, FLUX step compiled + graph, launch to first step of Anima, Lumina 2, SD3.5 Large
 set -uo pipefail
 WHAT=${1:-all}
 
@@ -41,6 +43,22 @@ OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch,transformers,accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)" | tee -a "$OUT/gpu.txt"
+
+if [ "$WHAT" = graphs_launch ]; then
+  echo "== GPU tests: --cuda_graph through the trainer, every family's straight-to-GPU loading"
+  timeout 150 python3 -m pytest -q -m gpu tests/test_step_graphs.py tests/test_family_model_loading.py \
+    tests/test_device_reader.py -p no:randomly 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+  echo "== FLUX.1-dev step, compiled, as one CUDA graph"
+  timeout 120 python3 benchmarks/bench_flux_train.py --device cuda --steps 15 --cuda_graph --compile \
+    2>>"$OUT/graphs_err.log" | tail -1 | tee -a "$OUT/graphs.jsonl"
+  echo "== launch to first step, Anima / Lumina 2 / SD3.5 Large (files in the page cache; run 2 is the figure)"
+  for f in anima lumina sd3; do
+    timeout 110 python3 benchmarks/bench_launch.py --family $f --models /tmp/${f}_full --runs 2 \
+      --log "$OUT/launch_$f.txt" 2>&1 | tail -1 | tee -a "$OUT/launch_families.jsonl"
+    rm -rf /tmp/${f}_full
+  done
+  exit 0
+fi
 
 if [ "$WHAT" = graphs ]; then
   echo "== GPU tests: LoRA and fp8"

@@ -32,7 +32,6 @@ def test_nan_loss_stops_with_the_step(tmp_path):
     class State:
         metrics_file = tmp_path / "log.jsonl"
         epoch = 0
-        lr_scheduler = type("S", (), {"get_last_lr": lambda self: [1e-4]})()
         accelerator = type("A", (), {"log_with": None, "is_main_process": True})()
         postfix: dict = {}
 
@@ -40,9 +39,9 @@ def test_nan_loss_stops_with_the_step(tmp_path):
         def set_postfix(self, *_, **__):
             pass
 
-    NetworkTrainer().report_losses(State(), [(1, 0.5)], [], Bar())
+    NetworkTrainer().report_losses(State(), [(1, 0.5)], [(1, 1e-4)], [], Bar())
     with pytest.raises(TrainingDiverged, match="at step 2"):
-        NetworkTrainer().report_losses(State(), [(2, float("nan"))], [], Bar())
+        NetworkTrainer().report_losses(State(), [(2, float("nan"))], [(2, 1e-4)], [], Bar())
     assert len(State.metrics_file.read_text().splitlines()) == 1   # the NaN step is never logged as a loss
 
 

@@ -71,6 +71,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--torch_compile", action="store_true",
                    help="torch.compile each transformer block (first steps are slower while compiling)")
     g.add_argument("--dynamo_backend", type=str, default="inductor", help="torch.compile backend")
+    g.add_argument("--cuda_graph", action="store_true",
+                   help="record the whole training step as a CUDA graph per input shape and replay it (not in "
+                        "sd-scripts): removes the per-kernel Python overhead that leaves the GPU idle at small "
+                        "batches (FLUX.1-dev on an H200: 0.76 -> 0.59 s/step). Needs cached latents and text "
+                        "outputs, bf16 or fp32, AdamW/Adam, no block swap; the first two steps of each image "
+                        "size run without it")
     g.add_argument("--ddp_timeout", type=int, default=None, help="minutes before a stuck multi-GPU collective fails")
     g.add_argument("--ddp_gradient_as_bucket_view", action="store_true",
                    help="accepted for sd-scripts command lines; no effect here (LoRA gradients are averaged "

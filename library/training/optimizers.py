@@ -283,12 +283,14 @@ def build_optimizer(
     *,
     use_8bit_adam: bool = False,
     use_lion_optimizer: bool = False,
+    capturable: bool = False,
 ) -> BuiltOptimizer:
     """Create the optimizer for `params` (tensors or param-group dicts) at learning rate `lr`.
 
     `optimizer_type` None or "" means AdamW (or what a deprecated alias flag asks for).
     Param-group dicts may carry their own "lr" (removed for Adafactor with relative_step,
-    which cannot use them).
+    which cannot use them). `capturable`: PyTorch's Adam/AdamW with their step counts on the GPU,
+    so that the step can be recorded in a CUDA graph (--cuda_graph).
     """
     optimizer_type = resolve_optimizer_type(
         optimizer_type, use_8bit_adam=use_8bit_adam, use_lion_optimizer=use_lion_optimizer
@@ -316,6 +318,10 @@ def build_optimizer(
         # multi-tensor version took 14 ms per FLUX LoRA step on an H200). Not part of the
         # optimizer's description, which stays sd-scripts' string.
         fixed["fused"] = True
+    if capturable:
+        if cls not in (torch.optim.Adam, torch.optim.AdamW):
+            raise ConfigError(f"--cuda_graph needs PyTorch's AdamW or Adam, not --optimizer_type {optimizer_type}")
+        fixed["capturable"] = True
     try:
         optimizer = cls(params, lr=lr_to_pass, **fixed, **kwargs)
     except TypeError as e:  # an unknown keyword in --optimizer_args, typically

@@ -18,9 +18,12 @@ class LaggedScalar:
         self.cuda = device.type == "cuda"
         self._pending: list[tuple[int, torch.Tensor, object]] = []
 
-    def push(self, step: int, value: torch.Tensor) -> None:
+    def push(self, step: int, value: torch.Tensor | float) -> None:
+        if not isinstance(value, torch.Tensor):   # already on the host
+            self._pending.append((step, float(value), None))
+            return
         value = value.detach().float()
-        if self.cuda:
+        if self.cuda and value.is_cuda:
             host = torch.empty((), dtype=torch.float32, pin_memory=True)
             host.copy_(value, non_blocking=True)
             event = torch.cuda.Event()

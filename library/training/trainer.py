@@ -51,6 +51,7 @@ from library.training.optimizers import add_optimizer_arguments, build_optimizer
 from library.training.sample_gallery import SampleRow, write_gallery
 from library.training.sample_prompts import SamplePrompt, load_sample_prompts
 from library.training.startup_time import report_startup_time
+from library.training.step_graphs import StepGraphs, check_cuda_graph_args, learning_rates_on_device
 from library.training.step_metrics import LaggedScalar, is_bad_loss
 from library.training import validation as val_lib
 
@@ -105,6 +106,7 @@ class RunState:
     progress: object = None                 # the tqdm bar
     postfix: dict = field(default_factory=dict)   # what the bar shows after the step count
     block_swap: object = None               # library.offload.BlockSwap with --blocks_to_swap, else None
+    step_graphs: StepGraphs | None = None   # with --cuda_graph
 
 
 class NetworkTrainer:
@@ -158,6 +160,11 @@ class NetworkTrainer:
     def block_lists(self, models: FamilyModels) -> list[torch.nn.ModuleList]:
         """The denoiser's lists of transformer blocks, in execution order: what --torch_compile
         compiles one by one, --blocks_to_swap swaps and --fp8_base stores in fp8."""
+        return []
+
+    def cuda_graph_blockers(self, args) -> list[str]:
+        """Why this family's training step, with these options, cannot be recorded as a CUDA graph
+        (--cuda_graph): per-step draws on the CPU, values read back to Python. Empty: it can."""
         return []
 
     def model_name(self, models: FamilyModels) -> str:
@@ -219,6 +226,8 @@ class NetworkTrainer:
         common_args.refuse_unsupported(args, handled=self.handled_options)
         meta_lib.check_metadata_args(args)
         self.validate_family_args(args)
+        if args.cuda_graph:
+            check_cuda_graph_args(args, self.cuda_graph_blockers(args))
         for note in memory.check_memory_args(args):
             print(f"note: {note}")
         if args.ddp_gradient_as_bucket_view or args.ddp_static_graph:
@@ -234,6 +243,9 @@ class NetworkTrainer:
             args.seed = random.randint(0, 2**31 - 1)
         accelerator = self.make_accelerator(args)
         device = accelerator.device
+        if args.cuda_graph and (device.type != "cuda" or accelerator.num_processes > 1):
+            raise ConfigError(f"--cuda_graph records the training step as a CUDA graph: it needs one CUDA GPU, and this "
+                              f"run has {accelerator.num_processes} process(es) on {device.type}; remove --cuda_graph")
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
 
         train_group, val_group = build_datasets(args, reso_step_multiple=self.reso_step_multiple,
@@ -351,7 +363,10 @@ class NetworkTrainer:
         params, _descriptions = network.prepare_optimizer_params(
             text_encoder_lr=te_lr, unet_lr=args.unet_lr, default_lr=args.learning_rate)
         opt = build_optimizer(args.optimizer_type, args.optimizer_args or [], params, args.learning_rate,
-                              use_8bit_adam=args.use_8bit_adam, use_lion_optimizer=args.use_lion_optimizer)
+                              use_8bit_adam=args.use_8bit_adam, use_lion_optimizer=args.use_lion_optimizer,
+                              capturable=args.cuda_graph)
+        if args.cuda_graph:
+            learning_rates_on_device(opt.optimizer, device)
 
         # Each process (one per GPU) gets its own share of every epoch; the step counter the captions
         # see (token warm-up) is the optimizer step.
@@ -391,6 +406,9 @@ class NetworkTrainer:
                          steps_per_epoch=steps_per_epoch, metadata=metadata, session_id=session_id,
                          metrics_file=Path(args.output_dir) / f"{args.output_name or 'training'}_log.jsonl",
                          optimizer_info=opt, trained_text_encoders=trained_tes)
+        if args.cuda_graph:
+            state.step_graphs = StepGraphs(lambda inputs, key: self.recordable_step(state, inputs, key), device,
+                                           reset=lambda: state.optimizer.zero_grad(set_to_none=True))
         if val_group is not None:
             # its own seed: the validation batches never depend on the training seed's data order
             state.val_loader = val_group.loader(seed=self.validation_seed(args), num_workers=0,
@@ -456,6 +474,7 @@ class NetworkTrainer:
                         disable=not acc.is_main_process, dynamic_ncols=True)
         state.progress = progress
         losses = LaggedScalar(state.device)
+        lrs = LaggedScalar(state.device)   # with --cuda_graph the learning rate is a GPU tensor: read it lagged too
         recent: list[float] = []
         if args.sample_at_first and state.global_step == 0:
             self.sample(state, label_step=0)
@@ -468,29 +487,37 @@ class NetworkTrainer:
             pending = 0
             batches_done = skip_batches
             for batch in state.loader.epoch(epoch + 1, skip_batches=skip_batches):  # the loader counts from 1
-                loss = self.training_step(state, batch) / accum
-                acc.backward(loss)
-                pending += 1
-                batches_done += 1
+                if state.step_graphs is not None:   # the whole update, recorded (accum is 1)
+                    loss = state.step_graphs(self.recordable_inputs(batch), key=self.recordable_key(batch))
+                    self.after_weight_update(state)
+                    pending, batches_done = accum, batches_done + 1
+                else:
+                    loss = self.training_step(state, batch) / accum
+                    acc.backward(loss)
+                    pending += 1
+                    batches_done += 1
                 if pending == accum or batches_done == len(state.loader):
-                    self.optimizer_step(state)
+                    if state.step_graphs is None:
+                        self.optimizer_step(state)
                     pending = 0
                     state.global_step += 1
                     if not startup_reported and acc.is_main_process:   # this process's first step (resumes too)
                         report_startup_time(state.device)
                     startup_reported = True
                     losses.push(state.global_step, loss * accum)
-                    self.report_losses(state, losses.pop_ready(), recent, progress)
+                    lrs.push(state.global_step, state.lr_scheduler.get_last_lr()[0])
+                    self.report_losses(state, losses.pop_ready(), lrs.pop_ready(), recent, progress)
                     progress.update(1)
                     self.after_step(state, batches_done)
                     if state.global_step >= state.max_steps:
                         break
             skip_batches = 0
-            self.report_losses(state, losses.pop_ready(keep_last=False), recent, progress)
+            self.report_losses(state, losses.pop_ready(keep_last=False), lrs.pop_ready(keep_last=False), recent,
+                               progress)
             if state.global_step >= state.max_steps and batches_done < len(state.loader):
                 break
             self.after_epoch(state, epoch + 1)
-        self.report_losses(state, losses.pop_ready(keep_last=False), recent, progress)
+        self.report_losses(state, losses.pop_ready(keep_last=False), lrs.pop_ready(keep_last=False), recent, progress)
         progress.close()
 
     def training_step(self, state: RunState, batch: dict) -> torch.Tensor:
@@ -499,6 +526,28 @@ class NetworkTrainer:
         noise = torch.randn_like(latents)
         noisy = self.noisy_input(state.args, latents, noise)
         return self.batch_loss(state, batch, noisy, text)
+
+    # --cuda_graph: the step from the batch's tensors to the updated weights, as one function
+    @staticmethod
+    def recordable_inputs(batch: dict) -> dict:
+        """The batch's tensors the step reads (cached latents and text outputs, loss weights, masks)."""
+        inputs = {"latents": batch["latents"], "text": batch["text"], "loss_weights": batch["loss_weights"]}
+        for key in ("conditioning_masks", "alpha_masks"):
+            if batch.get(key) is not None:
+                inputs[key] = batch[key]
+        return inputs
+
+    @staticmethod
+    def recordable_key(batch: dict) -> tuple:
+        """What the recorded step keeps as constants: the LoRA multiplier of the batch's subset."""
+        return (float(batch["network_multipliers"][0]),)
+
+    def recordable_step(self, state: RunState, inputs: dict, key: tuple) -> torch.Tensor:
+        batch = dict(inputs, network_multipliers=[key[0]])
+        loss = self.training_step(state, batch)
+        state.accelerator.backward(loss)
+        self.update_weights(state)
+        return loss.detach()
 
     def batch_loss(self, state: RunState, batch: dict, noisy: NoisyInput, text: dict) -> torch.Tensor:
         """The loss of one batch at the given noisy input (training and validation alike)."""
@@ -583,6 +632,11 @@ class NetworkTrainer:
             return stack_text_outputs(encoder.encode(batch["captions"]), state.device)
 
     def optimizer_step(self, state: RunState) -> None:
+        self.update_weights(state)
+        self.after_weight_update(state)
+
+    def update_weights(self, state: RunState) -> None:
+        """Gradients (averaged across GPUs) to weights: what --cuda_graph records with the step."""
         args, acc = state.args, state.accelerator
         params = state.network.get_trainable_params()
         if acc.num_processes > 1:
@@ -594,15 +648,21 @@ class NetworkTrainer:
         if args.max_grad_norm and args.max_grad_norm > 0:
             acc.clip_grad_norm_(params, args.max_grad_norm)
         state.optimizer.step()
-        state.lr_scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
+
+    def after_weight_update(self, state: RunState) -> None:
+        """The Python side of an optimizer step: the next learning rate, max-norm regularisation."""
+        args = state.args
+        state.lr_scheduler.step()
         if args.scale_weight_norms:
             state.network.apply_max_norm_regularization(args.scale_weight_norms, state.device)
 
-    def report_losses(self, state: RunState, ready: list[tuple[int, float]], recent: list[float], progress) -> None:
+    def report_losses(self, state: RunState, ready: list[tuple[int, float]], ready_lrs: list[tuple[int, float]],
+                      recent: list[float], progress) -> None:
+        """Log the losses whose values reached the host, each with the learning rate after its step."""
         if not ready:
             return
-        lr = state.lr_scheduler.get_last_lr()[0]
+        lr_at = dict(ready_lrs)
         for step, value in ready:
             if is_bad_loss(value):
                 raise TrainingDiverged(
@@ -613,11 +673,13 @@ class NetworkTrainer:
         if state.accelerator.is_main_process:   # one log for the run (the main process's losses, as sd-scripts)
             with open(state.metrics_file, "a") as f:
                 for step, value in ready:
+                    lr = lr_at[step]
                     f.write(json.dumps({"step": step, "epoch": state.epoch + 1, "loss": value, "lr": lr}) + "\n")
                     if state.accelerator.log_with:
                         state.accelerator.log({"loss/current": value, "lr/unet": lr}, step=step)
         del recent[:-100]
-        state.postfix.update(loss=f"{ready[-1][1]:.4f}", avr_loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr:.2e}")
+        state.postfix.update(loss=f"{ready[-1][1]:.4f}", avr_loss=f"{sum(recent) / len(recent):.4f}",
+                             lr=f"{lr_at[ready[-1][0]]:.2e}")
         progress.set_postfix(state.postfix)
 
     def after_step(self, state: RunState, batches_done: int) -> None:
