@@ -177,6 +177,11 @@ class StepGraphs:
         recorded = self._recorded.get(full_key)
         if recorded is not None:
             return self._replay(recorded, flat)
+        # On the device before the step: its own copies would be no-ops then, and a blocking copy
+        # from the host is not mistaken for the step synchronising in the checked run.
+        on_device = {p: t.to(self._device, non_blocking=True) for p, t in flat}
+        inputs = _rebuild(inputs, on_device)
+        flat = [(p, on_device[p]) for p, _ in flat]
         if self.disabled_because is not None or len(self._recorded) >= self._max:
             return self._step(inputs, key)
         runs = self._eager_runs.get(full_key, 0)
