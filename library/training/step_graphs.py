@@ -52,7 +52,6 @@ def cuda_graph_problems(args: argparse.Namespace, family_problems: list[str] = (
     problems = list(family_problems)
     a = lambda name, default=None: getattr(args, name, default)   # noqa: E731 - families differ in options
     checks = [
-        (a("gradient_accumulation_steps", 1) > 1, "--gradient_accumulation_steps > 1 (one recording per optimizer step)"),
         (a("mixed_precision") == "fp16" or a("full_fp16"), "fp16 (its loss scaler reads the gradients' finiteness to "
                                                             "Python each step); use --mixed_precision bf16"),
         (a("blocks_to_swap") not in (None, 0, "0"), "--blocks_to_swap (the swap schedule runs in Python)"),
@@ -205,7 +204,7 @@ class StepGraphs:
             if "synchronizing" not in str(e):
                 raise
             where = _where_in_our_code(e.__traceback__)
-        self._turn_off(f"the step reads a GPU value to Python at {where}, which a recording cannot hold")
+        self.turn_off(f"the step reads a GPU value to Python at {where}, which a recording cannot hold")
         return self._step(inputs, key)
 
     def _record(self, inputs: Any, key: tuple, flat: list[tuple[str, torch.Tensor]]) -> _Recorded | None:
@@ -216,7 +215,7 @@ class StepGraphs:
             replay, loss = self._recorder.record(lambda: self._step(_rebuild(inputs, static), key))
         except Exception as e:   # noqa: BLE001 - any failure to record: go on eagerly, say why
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            self._turn_off(f"recording the step failed ({type(e).__name__}: {first}) at "
+            self.turn_off(f"recording the step failed ({type(e).__name__}: {first}) at "
                            f"{_where_in_our_code(e.__traceback__)}")
             return None
         self._note(f"--cuda_graph: step recorded for input shape {len(self._recorded) + 1} "
@@ -230,7 +229,8 @@ class StepGraphs:
         self.replays += 1
         return recorded.loss.clone()   # the next replay overwrites the recorded loss
 
-    def _turn_off(self, why: str) -> None:
+    def turn_off(self, why: str) -> None:
+        """No more recording or replaying: every later step runs eagerly (reset() is called)."""
         self.disabled_because = why
         self._reset()
         self._recorder.synchronize()

@@ -487,18 +487,18 @@ class NetworkTrainer:
             pending = 0
             batches_done = skip_batches
             for batch in state.loader.epoch(epoch + 1, skip_batches=skip_batches):  # the loader counts from 1
-                if state.step_graphs is not None:   # the whole update, recorded (accum is 1)
-                    loss = state.step_graphs(self.recordable_inputs(batch), key=self.recordable_key(batch))
-                    self.after_weight_update(state)
-                    pending, batches_done = accum, batches_done + 1
+                pending += 1
+                batches_done += 1
+                updates = pending == accum or batches_done == len(state.loader)
+                if state.step_graphs is not None:   # backward and update recorded with the forward
+                    loss = self.recorded_step(state, batch, updates)
                 else:
                     loss = self.training_step(state, batch) / accum
                     acc.backward(loss)
-                    pending += 1
-                    batches_done += 1
-                if pending == accum or batches_done == len(state.loader):
-                    if state.step_graphs is None:
-                        self.optimizer_step(state)
+                    if updates:
+                        self.update_weights(state)
+                if updates:
+                    self.after_weight_update(state)
                     pending = 0
                     state.global_step += 1
                     if not startup_reported and acc.is_main_process:   # this process's first step (resumes too)
@@ -537,17 +537,33 @@ class NetworkTrainer:
                 inputs[key] = batch[key]
         return inputs
 
-    @staticmethod
-    def recordable_key(batch: dict) -> tuple:
-        """What the recorded step keeps as constants: the LoRA multiplier of the batch's subset."""
-        return (float(batch["network_multipliers"][0]),)
+    def recorded_step(self, state: RunState, batch: dict, updates: bool) -> torch.Tensor:
+        """One micro-batch through state.step_graphs; the recording keeps as constants the LoRA
+        multiplier of the batch's subset and whether the optimizer steps after it."""
+        graphs = state.step_graphs
+        # With accumulation, the recorded micro-steps add into the gradient tensors that the
+        # recorded update reads: a recording that gave a parameter a new gradient tensor would
+        # break that link, so recording stops then (that window's gradients are dropped).
+        watch = state.args.gradient_accumulation_steps > 1 and graphs.disabled_because is None
+        recorded, before = graphs.recorded_shapes, self._gradient_addresses(state) if watch else None
+        loss = graphs(self.recordable_inputs(batch), key=(float(batch["network_multipliers"][0]), updates))
+        if watch and graphs.recorded_shapes != recorded and None not in before:
+            if self._gradient_addresses(state) != before:
+                graphs.turn_off("a recording replaced the gradient tensors that accumulation adds into")
+        return loss
 
     def recordable_step(self, state: RunState, inputs: dict, key: tuple) -> torch.Tensor:
-        batch = dict(inputs, network_multipliers=[key[0]])
-        loss = self.training_step(state, batch)
+        multiplier, updates = key
+        loss = self.training_step(state, dict(inputs, network_multipliers=[multiplier]))
+        loss = loss / state.args.gradient_accumulation_steps
         state.accelerator.backward(loss)
-        self.update_weights(state)
+        if updates:
+            self.update_weights(state)
         return loss.detach()
+
+    @staticmethod
+    def _gradient_addresses(state: RunState) -> list:
+        return [None if p.grad is None else p.grad.data_ptr() for p in state.network.get_trainable_params()]
 
     def batch_loss(self, state: RunState, batch: dict, noisy: NoisyInput, text: dict) -> torch.Tensor:
         """The loss of one batch at the given noisy input (training and validation alike)."""
@@ -631,10 +647,6 @@ class NetworkTrainer:
         with torch.no_grad():
             return stack_text_outputs(encoder.encode(batch["captions"]), state.device)
 
-    def optimizer_step(self, state: RunState) -> None:
-        self.update_weights(state)
-        self.after_weight_update(state)
-
     def update_weights(self, state: RunState) -> None:
         """Gradients (averaged across GPUs) to weights: what --cuda_graph records with the step."""
         args, acc = state.args, state.accelerator
@@ -648,7 +660,8 @@ class NetworkTrainer:
         if args.max_grad_norm and args.max_grad_norm > 0:
             acc.clip_grad_norm_(params, args.max_grad_norm)
         state.optimizer.step()
-        state.optimizer.zero_grad(set_to_none=True)
+        # With recorded accumulation the gradients stay where the recordings add into (zeroed).
+        state.optimizer.zero_grad(set_to_none=state.step_graphs is None or args.gradient_accumulation_steps == 1)
 
     def after_weight_update(self, state: RunState) -> None:
         """The Python side of an optimizer step: the next learning rate, max-norm regularisation."""
