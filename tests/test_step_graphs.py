@@ -138,6 +138,17 @@ def _args(**kw):
     return argparse.Namespace(**base)
 
 
+def test_the_tip_appears_only_where_the_option_would_work():
+    from library.training.step_graphs import cuda_graph_tip
+    args = _args(cuda_graph=False)
+    assert "--cuda_graph" in cuda_graph_tip(args, [], "cuda", 1)
+    assert cuda_graph_tip(args, [], "cpu", 1) is None
+    assert cuda_graph_tip(args, [], "cuda:0", 2) is None
+    assert cuda_graph_tip(args, ["Lumina's forward ..."], "cuda", 1) is None
+    assert cuda_graph_tip(_args(cuda_graph=False, cache_latents=False), [], "cuda", 1) is None
+    assert cuda_graph_tip(_args(), [], "cuda", 1) is None   # already on
+
+
 @pytest.mark.parametrize("change, fragment", [
     (dict(mixed_precision="fp16"), "fp16"),
     (dict(blocks_to_swap=4), "--blocks_to_swap"),

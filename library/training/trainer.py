@@ -51,7 +51,8 @@ from library.training.optimizers import add_optimizer_arguments, build_optimizer
 from library.training.sample_gallery import SampleRow, write_gallery
 from library.training.sample_prompts import SamplePrompt, load_sample_prompts
 from library.training.startup_time import report_startup_time
-from library.training.step_graphs import StepGraphs, check_cuda_graph_args, learning_rates_on_device
+from library.training.step_graphs import (StepGraphs, check_cuda_graph_args, cuda_graph_tip,
+                                          learning_rates_on_device)
 from library.training.step_metrics import LaggedScalar, is_bad_loss
 from library.training import validation as val_lib
 
@@ -409,6 +410,10 @@ class NetworkTrainer:
         if args.cuda_graph:
             state.step_graphs = StepGraphs(lambda inputs, key: self.recordable_step(state, inputs, key), device,
                                            reset=lambda: state.optimizer.zero_grad(set_to_none=True))
+        elif accelerator.is_main_process:
+            tip = cuda_graph_tip(args, self.cuda_graph_blockers(args), device, accelerator.num_processes)
+            if tip:
+                print(tip)
         if val_group is not None:
             # its own seed: the validation batches never depend on the training seed's data order
             state.val_loader = val_group.loader(seed=self.validation_seed(args), num_workers=0,
