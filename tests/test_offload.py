@@ -201,8 +201,9 @@ def test_activation_estimate_numbers():
     per_block = 4608 * 2 * (12 * 3072 + 2 * 12288)
     assert estimate_activation_bytes(**kw, gradient_checkpointing=False) == 57 * per_block
     ckpt = estimate_activation_bytes(**kw)
-    assert ckpt == 57 * 4608 * 2 * 3072 + 2 * per_block
-    assert 2.5 * GiB < ckpt < 2.7 * GiB
+    assert ckpt == int(57 * 4608 * 2 * 3072 + 1.25 * per_block)
+    # measured on an H200 (docs/benchmarks.md): 2.03 GiB; the estimate stays above it
+    assert 2.03 * GiB < ckpt < 2.2 * GiB
     assert estimate_activation_bytes(**(kw | dict(batch=2))) == 2 * ckpt
 
 
