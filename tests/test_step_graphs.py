@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from library.errors import ConfigError
-from library.training.step_graphs import StepGraphs, cuda_graph_problems, learning_rates_on_device
+from library.training.step_graphs import (StepGraphs, cuda_graph_problems, learning_rates_on_device,
+                                          learning_rates_on_host)
 from tests.test_flux_train_e2e import losses, setup, train  # noqa: F401  (module fixture reused)
 
 
@@ -122,9 +123,18 @@ def test_learning_rates_become_device_tensors_that_the_scheduler_fills():
     lr = opt.param_groups[0]["lr"]
     assert isinstance(lr, torch.Tensor)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    assert sched.base_lrs == [1e-3] and isinstance(sched.base_lrs[0], float)   # saved states stay plain
     opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(5e-4)
+    # a state saved with --cuda_graph, loaded by a run without it (and the other way round)
+    saved = opt.state_dict()
+    plain = torch.optim.AdamW([p], lr=1e-3)
+    plain.load_state_dict(saved)
+    learning_rates_on_host(plain)
+    assert plain.param_groups[0]["lr"] == pytest.approx(5e-4) and isinstance(plain.param_groups[0]["lr"], float)
+    learning_rates_on_device(plain, torch.device("cpu"))
+    assert float(plain.param_groups[0]["lr"]) == pytest.approx(5e-4)
 
 
 def _args(**kw):
@@ -133,7 +143,7 @@ def _args(**kw):
                 noise_offset_random_strength=False, ip_noise_gamma_random_strength=False, scale_weight_norms=None,
                 cache_latents=True, cache_latents_to_disk=False, cache_text_encoder_outputs=True,
                 cache_text_encoder_outputs_to_disk=False, optimizer_type=None, use_8bit_adam=False,
-                use_lion_optimizer=False, network_args=None)
+                use_lion_optimizer=False, network_args=None, lr_scheduler_type=None)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -157,6 +167,7 @@ def test_the_tip_appears_only_where_the_option_would_work():
     (dict(optimizer_type="AdamW8bit"), "only PyTorch's AdamW and Adam"),
     (dict(noise_offset_random_strength=True), "--noise_offset_random_strength"),
     (dict(network_args=["module_dropout=0.1"]), "module_dropout"),
+    (dict(lr_scheduler_type="mymodule.MySchedule"), "--lr_scheduler_type"),
 ])
 def test_options_a_recording_cannot_hold_are_named(change, fragment):
     assert cuda_graph_problems(_args()) == []

@@ -67,6 +67,8 @@ def cuda_graph_problems(args: argparse.Namespace, family_problems: list[str] = (
          or a("use_8bit_adam") or a("use_lion_optimizer"),
          f"--optimizer_type {a('optimizer_type')}: only PyTorch's AdamW and Adam can be recorded"),
         ("module_dropout" in " ".join(a("network_args") or []), "network_args module_dropout (draws on the CPU)"),
+        (a("lr_scheduler_type"), "--lr_scheduler_type (a recorded step reads its learning rate from GPU memory, "
+                                 "which only the built-in schedules update)"),
     ]
     problems += [why for bad, why in checks if bad]
     return problems
@@ -94,9 +96,19 @@ def cuda_graph_tip(args: argparse.Namespace, family_problems: list[str], device:
 def learning_rates_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     """A recorded optimizer step reads its learning rate from GPU memory, so that the scheduler's
     changes (made in place: PyTorch's schedulers fill a tensor learning rate) reach the replays.
-    Call before the scheduler is built."""
+    Call before the scheduler is built, and again after loading a saved optimizer state. The
+    scheduler's base rates stay Python floats (its state, saved with checkpoints, too)."""
     for group in optimizer.param_groups:
+        group.setdefault("initial_lr", float(group["lr"]))
         group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+def learning_rates_on_host(optimizer: torch.optim.Optimizer) -> None:
+    """Back to float learning rates (a run without --cuda_graph resuming a state saved with it)."""
+    for group in optimizer.param_groups:
+        for key in ("lr", "initial_lr"):
+            if isinstance(group.get(key), torch.Tensor):
+                group[key] = float(group[key])
 
 
 def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:

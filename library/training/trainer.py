@@ -52,7 +52,7 @@ from library.training.sample_gallery import SampleRow, write_gallery
 from library.training.sample_prompts import SamplePrompt, load_sample_prompts
 from library.training.startup_time import report_startup_time
 from library.training.step_graphs import (StepGraphs, check_cuda_graph_args, cuda_graph_tip,
-                                          learning_rates_on_device)
+                                          learning_rates_on_device, learning_rates_on_host)
 from library.training.step_metrics import LaggedScalar, is_bad_loss
 from library.training import validation as val_lib
 
@@ -472,6 +472,11 @@ class NetworkTrainer:
         start_epoch, skip_batches = 0, 0
         if args.resume:
             start_epoch, skip_batches = self.resume(state)
+            # the loaded optimizer state brings its learning rates, as tensors or floats
+            if state.step_graphs is not None:
+                learning_rates_on_device(state.optimizer, state.device)
+            else:
+                learning_rates_on_host(state.optimizer)
         elif args.initial_epoch or args.initial_step:
             start_epoch, skip_batches = self.initial_position(state)
 
