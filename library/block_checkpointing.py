@@ -14,7 +14,16 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from library.fp8 import keeping_upcast_weights
 from library.offload_checkpointing import OffloadedCheckpoint
+
+
+def _contexts():
+    """(first forward, recomputation). The recomputation runs right before the block's backward,
+    so fp8 layers may keep their upcast weights for it (library/fp8.py). The first forward keeps
+    nothing for backward under the checkpoint (it only notes what would be saved, and checks
+    that the recomputation saves the same kinds of tensors), so it runs the same way."""
+    return keeping_upcast_weights(), keeping_upcast_weights()
 
 
 class BlockCheckpointing:
@@ -36,5 +45,5 @@ class BlockCheckpointing:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             if self._offloaded_checkpoint is not None:
                 return self._offloaded_checkpoint(block, *args, **kwargs)
-            return checkpoint(block, *args, use_reentrant=False, **kwargs)
+            return checkpoint(block, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
         return block(*args, **kwargs)

@@ -175,6 +175,44 @@ def test_fp8_model_with_block_swap_matches_fp8_without():
     assert swap.stats.fallback_loads == 0
 
 
+def test_a_recomputed_block_keeps_its_upcast_weights_for_its_backward(monkeypatch):
+    # Per fp8 layer and step with checkpointing: upcast in the forward, in the recomputation,
+    # and (before) again in the backward. The recomputation now keeps its upcast copy for the
+    # backward: the same numbers, one upcast fewer.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import library.block_checkpointing as bc
+
+    class CountUpcasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].dtype == FP8:
+                CountUpcasts.count += 1
+            return func(*args, **(kwargs or {}))
+
+    params, model, net = tiny_flux_with_lora(depth=2, single=2, fp8=True)
+    model.enable_gradient_checkpointing()
+    x = flux_inputs(params)
+    layers = sum(is_fp8_linear(m) for m in model.modules())
+
+    def run():
+        CountUpcasts.count = 0
+        with CountUpcasts():
+            result = train_step(model, net, x)
+        return result, CountUpcasts.count
+
+    (out, grads), upcasts = run()
+    assert upcasts == 2 * layers
+    from contextlib import nullcontext
+    monkeypatch.setattr(bc, "_contexts", lambda: (nullcontext(), nullcontext()))   # as before
+    (ref_out, ref_grads), ref_upcasts = run()
+    # before: a third upcast in the backward, except for the 6 modulation layers, whose input
+    # (the conditioning vector) needs no gradient
+    assert ref_upcasts == 3 * layers - 6
+    assert torch.equal(out, ref_out) and max_grad_diff(grads, ref_grads) == 0.0
+
+
 def _tiny_flux():
     from dataclasses import replace
 
