@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anima_train_network import AnimaNetworkTrainer  # noqa: E402
-from benchmarks.bench_common import (add_cuda_graph_argument, graphed, billions_of_parameters, device_name, lora_training_step,  # noqa: E402
+from benchmarks.bench_common import (add_cuda_graph_argument, add_memory_arguments, fp8_base, graphed, place_with_swap, billions_of_parameters, device_name, lora_training_step,  # noqa: E402
                                      ready_to_train, synchronize, time_steps, timing_fields)
 from library.anima.arguments import apply_attention_options  # noqa: E402
 from library.anima.model import ANIMA_PARAMS, AnimaParams  # noqa: E402
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--optimizer", default="AdamW")
     ap.add_argument("--peak_tflops", type=float, default=790.0, help="measured bf16 matmul peak of the GPU")
     add_cuda_graph_argument(ap)
+    add_memory_arguments(ap)
     a = ap.parse_args()
 
     device = torch.device(a.device)
@@ -99,9 +100,11 @@ def main() -> None:
     apply_attention_options(args, dit)
     models = FamilyModels(denoiser=dit, text_encoders=[None], vae=None, info=None, extra={"compute_dtype": dtype})
 
+    fp8 = fp8_base(a, trainer, models, device, dtype)   # before the LoRA wraps the layers
     network = lora_anima.create_network(1.0, a.rank, a.rank, None, None, dit,
                                         train_llm_adapter=str(a.train_llm_adapter))
     network.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
+    placed = place_with_swap(a, trainer, args, models, network, device, batch=1, size=a.size)
     opt = ready_to_train(network, trainer, models, device, optimizer=a.optimizer, compile=a.compile,
                          capturable=a.cuda_graph)
 
@@ -127,7 +130,7 @@ def main() -> None:
         "lora_modules": len(network.loras), "train_llm_adapter": a.train_llm_adapter,
         "device": device_name(device),
         "size": a.size, "text_len": a.text_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt,
-        "compile": a.compile, "cuda_graph": a.cuda_graph, "attn_mode": a.attn_mode, "split_attn": a.split_attn,
+        "compile": a.compile, "cuda_graph": a.cuda_graph, **placed, "fp8": fp8, "attn_mode": a.attn_mode, "split_attn": a.split_attn,
         **timing_fields(times, device, build_s=build_s, flops_per_step=flops, peak_tflops=a.peak_tflops),
     }))
 

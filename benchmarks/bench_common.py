@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from library.training.losses import compute_per_sample_loss
+from library.training import memory
 from library.training.optimizers import build_optimizer
 from library.training.step_graphs import StepGraphs
 from library.training.trainer import compile_blocks
@@ -55,6 +56,41 @@ def ready_to_train(network: Any, trainer: Any, models: Any, device: torch.device
     if compile:
         compile_blocks(trainer.block_lists(models), "inductor")
     return lora_optimizer(network, optimizer, capturable=capturable)
+
+
+def add_memory_arguments(ap: Any) -> None:
+    ap.add_argument("--blocks_to_swap", type=memory.parse_blocks_to_swap, default=0,
+                    help="block swap (N or auto), as the trainer places the denoiser")
+    ap.add_argument("--fp8_base", action="store_true", help="fp8 block weights, as the trainer converts them")
+
+
+def fp8_base(a: Any, trainer: Any, models: Any, device: torch.device, dtype: torch.dtype) -> str | None:
+    """--fp8_base: the trainer's own conversion of the block Linears (before the LoRA wraps them)."""
+    if not a.fp8_base:
+        return None
+    return str(memory.quantize_base(models.denoiser, trainer.block_lists(models), device, dtype,
+                                    model_name=trainer.model_name(models), keep_on_device=True))
+
+
+def place_with_swap(a: Any, trainer: Any, args: Any, models: Any, network: Any, device: torch.device, *,
+                    batch: int, size: int) -> dict[str, Any]:
+    """--blocks_to_swap N|auto: the denoiser placed by the trainer's own code (after the LoRA is
+    built; 'auto' reads the free memory with the denoiser on the CPU, as in a run). The JSON
+    fields: the N used and the swap's message."""
+    if a.blocks_to_swap in (None, 0):
+        return {"blocks_to_swap": 0}
+    lists = trainer.block_lists(models)
+    args.gradient_checkpointing = not a.no_grad_ckpt
+    if a.blocks_to_swap == "auto":
+        models.denoiser.to("cpu")
+        torch.cuda.empty_cache()
+    placement = memory.place_denoiser(
+        models.denoiser, lists, device, a.blocks_to_swap, model_name=trainer.model_name(models),
+        auto_fixed_bytes=lambda: memory.bytes_outside_blocks(models.denoiser, lists, network.get_trainable_params()),
+        auto_activation_bytes=lambda: trainer.activation_bytes_estimate(args, models, batch, size, size))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"blocks_to_swap": placement.blocks_to_swap, "swap": placement.message}
 
 
 def add_cuda_graph_argument(ap: Any) -> None:

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_common import (add_cuda_graph_argument, graphed, billions_of_parameters, device_name, lora_training_step,  # noqa: E402
+from benchmarks.bench_common import (add_cuda_graph_argument, add_memory_arguments, fp8_base, graphed, place_with_swap, billions_of_parameters, device_name, lora_training_step,  # noqa: E402
                                      ready_to_train, time_steps, timing_fields)
 from library.attention import set_attention_backend  # noqa: E402
 from library.errors import ConfigError  # noqa: E402
@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--peak_tflops", type=float, default=790.0, help="measured bf16 matmul peak of the GPU")
     ap.add_argument("--optimizer", default="AdamW")
     add_cuda_graph_argument(ap)
+    add_memory_arguments(ap)
     a = ap.parse_args()
     if not 1 <= a.cap_tokens <= a.cap_len:
         ap.error("--cap_tokens must lie in 1..--cap_len")
@@ -95,8 +96,10 @@ def main() -> None:
     trainer._loss_config = trainer.loss_config(args)
     models = FamilyModels(denoiser=dit, text_encoders=[None], vae=None)
 
+    fp8 = fp8_base(a, trainer, models, device, dtype)   # before the LoRA wraps the layers
     network = lora_lumina.create_network(1.0, a.rank, a.rank, None, None, dit)
     network.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
+    placed = place_with_swap(a, trainer, args, models, network, device, batch=a.batch, size=a.size)
     opt = ready_to_train(network, trainer, models, device, optimizer=a.optimizer, compile=a.compile,
                          capturable=a.cuda_graph)
 
@@ -118,7 +121,7 @@ def main() -> None:
         "device": device_name(device), "dit_params_b": billions_of_parameters(dit),
         "attention": "flash" if a.use_flash_attn else "sdpa", "size": a.size, "batch": a.batch,
         "cap_len": a.cap_len, "cap_tokens": a.cap_tokens, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt,
-        "compile": a.compile, "cuda_graph": a.cuda_graph, "lora_modules": len(network.loras),
+        "compile": a.compile, "cuda_graph": a.cuda_graph, **placed, "fp8": fp8, "lora_modules": len(network.loras),
         **timing_fields(times, device, build_s=build_s, flops_per_step=flops, peak_tflops=a.peak_tflops,
                         tflop_digits=4),
     }

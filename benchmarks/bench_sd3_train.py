@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_common import (add_cuda_graph_argument, graphed, billions_of_parameters, device_name, lora_training_step,  # noqa: E402
+from benchmarks.bench_common import (add_cuda_graph_argument, add_memory_arguments, fp8_base, graphed, place_with_swap, billions_of_parameters, device_name, lora_training_step,  # noqa: E402
                                      ready_to_train, time_steps, timing_fields)
 from library.sd3.model import VARIANTS  # noqa: E402
 from library.sd3.text import CLIP_MAX_LENGTH  # noqa: E402
@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--weighting_scheme", default="uniform")
     ap.add_argument("--compile", action="store_true", help="--torch_compile: compile each block")
     add_cuda_graph_argument(ap)
+    add_memory_arguments(ap)
     a = ap.parse_args()
 
     device = torch.device(a.device)
@@ -88,8 +89,10 @@ def main() -> None:
     info = type("Info", (), {"params": params, "variant": VARIANTS[a.variant]})()
     models = FamilyModels(denoiser=mmdit, text_encoders=[None, None, None], vae=None, info=info)
 
+    fp8 = fp8_base(a, trainer, models, device, dtype)   # before the LoRA wraps the layers
     network = lora_sd3.create_network(1.0, a.rank, a.rank, None, None, mmdit)
     network.apply_to(apply_text_encoder=False, apply_unet=True)
+    placed = place_with_swap(a, trainer, args, models, network, device, batch=a.batch, size=a.size)
     opt = ready_to_train(network, trainer, models, device, optimizer=a.optimizer, compile=a.compile,
                          capturable=a.cuda_graph)
 
@@ -113,7 +116,7 @@ def main() -> None:
         "model": ("tiny-" if a.tiny else "") + VARIANTS[a.variant].label.replace(" ", "-").lower(),
         "device": device_name(device),
         "size": a.size, "batch": b, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt,
-        "compile": a.compile, "cuda_graph": a.cuda_graph, "weighting_scheme": a.weighting_scheme, "dit_params_b": billions_of_parameters(mmdit),
+        "compile": a.compile, "cuda_graph": a.cuda_graph, **placed, "fp8": fp8, "weighting_scheme": a.weighting_scheme, "dit_params_b": billions_of_parameters(mmdit),
         "lora_modules": len(network.loras), "last_loss": round(float(last_loss), 4),
         **timing_fields(times, device, build_s=build_s, flops_per_step=flops, peak_tflops=a.peak_tflops),
     }

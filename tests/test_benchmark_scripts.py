@@ -30,6 +30,15 @@ def test_flux_step_benchmark_with_profile(tmp_path):
     assert "aten::" in tables.read_text()
 
 
+@pytest.mark.parametrize("family, model", [("sd3", "tiny-sd3.5-large"), ("lumina", "tiny-lumina2"),
+                                           ("anima", "tiny-anima")])
+def test_family_step_benchmark_with_fp8(family, model):
+    line = run_json(f"benchmarks/bench_{family}_train.py", "--tiny", "--device", "cpu", "--steps", "2",
+                    "--size", "256", "--fp8_base")
+    assert line["model"] == model and line["median_s"] > 0 and line["blocks_to_swap"] == 0
+    assert line["fp8"].startswith("fp8 base: ") and line["cuda_graph"] is False
+
+
 def test_launch_benchmark_reads_the_trainers_first_step_time(tmp_path):
     log = tmp_path / "log.txt"
     line = run_json("benchmarks/bench_launch.py", "--tiny", "--models", str(tmp_path / "models"), "--runs", "1",
