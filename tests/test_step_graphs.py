@@ -23,6 +23,7 @@ class FakeRecorder:
 
     def __init__(self, sync_error: bool = False, record_error: bool = False):
         self.sync_error, self.record_error = sync_error, record_error
+        self.released = False
         self.checking = False
         self.records = self.syncs = 0
 
@@ -46,6 +47,9 @@ class FakeRecorder:
 
     def synchronize(self):
         self.syncs += 1
+
+    def release(self):
+        self.released = True
 
 
 def make(recorder, log, **kw):
@@ -104,7 +108,18 @@ def test_a_failed_recording_turns_recording_off_and_the_step_still_runs():
     values = [float(graphs(batch(2, i), key=(1.0,))) for i in range(1, 5)]
     assert values == [expected(2, i) for i in range(1, 5)]
     assert "recording the step failed (RuntimeError: operation not permitted" in graphs.disabled_because
-    assert resets == [1] and recorder.syncs == 1
+    assert resets == [1] and recorder.syncs == 1 and recorder.released
+
+
+def test_turning_off_after_recordings_drops_them():
+    recorder = FakeRecorder()
+    graphs, notes, resets = make(recorder, [])
+    for i in range(4):
+        graphs(batch(2, i), key=(1.0,))
+    assert graphs.recorded_shapes == 1
+    graphs.turn_off("a test")
+    assert graphs.recorded_shapes == 0 and recorder.released and resets == [1]
+    assert float(graphs(batch(2, 9), key=(1.0,))) == expected(2, 9) and graphs.replays == 2
 
 
 def test_shapes_beyond_the_limit_run_eagerly():

@@ -164,6 +164,11 @@ class CudaRecorder:
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
+    def release(self) -> None:
+        """After the recordings are dropped: return their pool's memory."""
+        self._pool = None
+        torch.cuda.empty_cache()
+
 
 @dataclass
 class _Recorded:
@@ -258,4 +263,6 @@ class StepGraphs:
         self.disabled_because = why
         self._reset()
         self._recorder.synchronize()
+        self._recorded.clear()   # their memory pool goes back to the allocator
+        self._recorder.release()
         self._note(f"note: --cuda_graph is off for the rest of the run: {why}. Training goes on without it.")
