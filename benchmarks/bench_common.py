@@ -222,5 +222,8 @@ def timing_fields(times: list[float], device: torch.device, *, build_s: float, f
         "useful_tflop_per_step": round(flops_per_step / 1e12, tflop_digits),
         "mfu": round(flops_per_step / median / (peak_tflops * 1e12), 3) if cuda else None,
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        # what the caching allocator held at most: what a smaller card must have (fragmentation
+        # and, with --cuda_graph, the recording's pool beside the eager steps' blocks)
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
         "torch": torch.__version__,
     }
