@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: everything that needs CUDA, logs to $OUT. Usage on the GPU machine:
-#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|graphs|graphs_launch|open_a|open_b|all]
+#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|graphs|graphs_launch|open_a|open_b|open_c|all]
 #     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 #     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
@@ -19,8 +19,10 @@
 #     graphs_launch: --cuda_graph GPU tests (trainer vs eager), straight-to-GPU loading tests of every
 #               family, FLUX step compiled + graph, launch to first step of Anima, Lumina 2, SD3.5 Large
 #     open_a:   what the 2026-12-02 sessions left unmeasured, part 1: GPU tests (fp8, step graphs), FLUX
-#               fp8 eager and recorded (recomputed upcasts kept), auto at 16 GiB with the 1.25x estimate
-#     open_b:   part 2: the other families with block swap and fp8 (eager), SD3.5 Large launch
+#               fp8 eager and recorded (recomputed upcasts kept), the fused q/k norm + RoPE kernels
+#               (parity tests, then eager and recorded), compiled + recorded
+#     open_b:   part 2: the other families with block swap and fp8 (eager)
+#     open_c:   part 3: auto at 16 GiB with the 1.25x estimate, SD3.5 Large launch
 set -uo pipefail
 WHAT=${1:-all}
 
@@ -51,13 +53,13 @@ if [ "$WHAT" = open_a ]; then
   echo "== GPU tests: fp8, --cuda_graph through the trainer"
   timeout 150 python3 -m pytest -q -m gpu tests/test_fp8_gpu.py tests/test_step_graphs.py -p no:randomly 2>&1 \
     | tail -5 | tee "$OUT/gpu_tests.log"
-  echo "== FLUX.1-dev: bf16 and fp8, eager and recorded"
-  for extra in "--fp8_base" "--fp8_base --cuda_graph" "--cuda_graph"; do
+  echo "== FLUX.1-dev: bf16 and fp8, eager and recorded; the fused q/k norm + RoPE kernels (tests first)"
+  timeout 100 python3 -m pytest -q -m gpu tests/test_qk_norm_rope.py -p no:randomly 2>&1 | tail -3 | tee -a "$OUT/gpu_tests.log"
+  for extra in "--fp8_base" "--fp8_base --cuda_graph" "--cuda_graph" "--cuda_graph --fused_qk_rope" "--fused_qk_rope" \
+               "--cuda_graph --compile"; do
     timeout 90 python3 benchmarks/bench_flux_train.py --device cuda --steps 15 $extra 2>>"$OUT/err.log" | tail -1 \
       | tee -a "$OUT/open.jsonl"
   done
-  echo "== --blocks_to_swap auto under a 16 GiB cap (estimate 1.25 working sets)"
-  timeout 200 python3 benchmarks/bench_auto_swap.py --caps 16 --max_probes 3 --out "$OUT/auto_swap16.jsonl" 2>&1 | tail -2
   exit 0
 fi
 
@@ -69,6 +71,12 @@ if [ "$WHAT" = open_b ]; then
     timeout 80 python3 benchmarks/bench_${fam}_train.py --device cuda --steps 15 "$@" 2>>"$OUT/err.log" | tail -1 \
       | tee -a "$OUT/open.jsonl"
   done
+  exit 0
+fi
+
+if [ "$WHAT" = open_c ]; then
+  echo "== --blocks_to_swap auto under a 16 GiB cap (estimate 1.25 working sets)"
+  timeout 200 python3 benchmarks/bench_auto_swap.py --caps 16 --max_probes 3 --out "$OUT/auto_swap16.jsonl" 2>&1 | tail -2
   echo "== SD3.5 Large launch to first step"
   timeout 330 python3 benchmarks/bench_launch.py --family sd3 --models /tmp/sd3_full --runs 2 \
     --log "$OUT/launch_sd3.txt" 2>&1 | tail -1 | tee -a "$OUT/launch_families.jsonl"

@@ -11,6 +11,7 @@ precomputed modulation vectors (`own_modulation=False`).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,12 @@ from torch import Tensor, nn
 
 from library.attention import attention
 from library.block_ops import gated_residual, modulated_layer_norm, rms_norm, rotate_pairs
+from library.qk_norm_rope import qk_norm_rope
+from library.qk_norm_rope import supported as qk_norm_rope_supported
+
+# Prepare q, k, v with the fused kernels of library/qk_norm_rope.py on CUDA. An experiment: off
+# until measured on a GPU (the FLUX step benchmark's --fused_qk_rope turns it on).
+FUSED_QK_ROPE = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,11 +120,23 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
-    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, L, dim) -> normed q, k and v, each (B, H, L, D)."""
-        q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+    def finish_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The qkv projection (B, L, 3 * dim) -> normed q, k and v, each (B, H, L, D)."""
+        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
         return q, k, v
+
+    def fused_stream(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(the qkv projection, q norm scale, k norm scale): a stream for `qk_norm_rope`."""
+        return qkv, self.norm.query_norm.scale, self.norm.key_norm.scale
+
+
+def _fused_qk_rope(streams: list[tuple[Tensor, Tensor, Tensor]]) -> bool:
+    """Whether to prepare q, k, v with the fused kernels (library/qk_norm_rope.py; an experiment
+    behind FUSED_QK_ROPE until measured on a GPU)."""
+    on_device = streams[0][0].is_cuda or os.environ.get("TRITON_INTERPRET") == "1"   # the interpreter: CPU tests
+    return (FUSED_QK_ROPE and on_device and not torch.compiler.is_compiling()
+            and all(qk_norm_rope_supported(qkv, scales) for qkv, *scales in streams))
 
 
 @dataclass
@@ -212,14 +231,18 @@ class DoubleStreamBlock(nn.Module):
         precomputed modulations (Chroma). `pe` and `attn_mask` follow the joint token order:
         text first for FLUX (txt_first=True), image first for Chroma."""
         mod = self.modulations(vec)
-        img_q, img_k, img_v = self.img_attn.project_qkv(mod.img_attn.norm_modulate(img, self.img_norm1))
-        txt_q, txt_k, txt_v = self.txt_attn.project_qkv(mod.txt_attn.norm_modulate(txt, self.txt_norm1))
-
-        parts = ((txt_q, txt_k, txt_v), (img_q, img_k, img_v))
+        img_in = mod.img_attn.norm_modulate(img, self.img_norm1)
+        txt_in = mod.txt_attn.norm_modulate(txt, self.txt_norm1)
+        img_qkv = self.img_attn.qkv(img_in)   # image first, as before (LoRA dropout draws in this order)
+        attns, qkvs = (self.txt_attn, self.img_attn), (self.txt_attn.qkv(txt_in), img_qkv)
         if not txt_first:
-            parts = parts[::-1]
-        q, k, v = (torch.cat(x, dim=2) for x in zip(*parts))
-        q, k = apply_rope(q, pe), apply_rope(k, pe)
+            attns, qkvs = attns[::-1], qkvs[::-1]
+        streams = [attn.fused_stream(qkv) for attn, qkv in zip(attns, qkvs)]
+        if _fused_qk_rope(streams):
+            q, k, v = qk_norm_rope(streams, pe, self.num_heads)
+        else:
+            q, k, v = (torch.cat(x, dim=2) for x in zip(*(attn.finish_qkv(qkv) for attn, qkv in zip(attns, qkvs))))
+            q, k = apply_rope(q, pe), apply_rope(k, pe)
         joint = rearrange(attention(q, k, v, attn_mask), "B H L D -> B L (H D)")
 
         n_txt = txt.shape[1]
@@ -261,9 +284,13 @@ class SingleStreamBlock(nn.Module):
             mod = vec
         qkv, mlp_in = torch.split(self.linear1(mod.norm_modulate(x, self.pre_norm)),
                                   [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
-        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
-        q, k = self.norm(q, k, v)
-        q, k = apply_rope(q, pe), apply_rope(k, pe)
+        stream = [(qkv, self.norm.query_norm.scale, self.norm.key_norm.scale)]
+        if _fused_qk_rope(stream):
+            q, k, v = qk_norm_rope(stream, pe, self.num_heads)
+        else:
+            q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+            q, k = self.norm(q, k, v)
+            q, k = apply_rope(q, pe), apply_rope(k, pe)
         attn = rearrange(attention(q, k, v, attn_mask), "B H L D -> B L (H D)")
         return gated_residual(x, mod.gate, self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), dim=2)))
 
