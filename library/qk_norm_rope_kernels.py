@@ -39,17 +39,24 @@ def norm_rope_backward(g_ptr, g_at, src, scale_ptr, dst, pair, hm, cos, sin, eps
     tl.store(dst + 2 * pair + 1, (rstd * (ao - ho * mean)).to(dst.dtype.element_ty), mask=hm)
 
 @triton.jit
-def forward_kernel(qkv_ptr, s_qb, s_ql, qs_ptr, ks_ptr, f_ptr, s_fb, s_fl, q_ptr, k_ptr, v_ptr,
-                   s_ob, s_oh, s_ol, n_rows, offset, eps,
-                   H: tl.constexpr, D: tl.constexpr, D2: tl.constexpr, HB: tl.constexpr):
+def program_place(f_ptr, s_fb, s_fl, n_rows, offset, H: tl.constexpr, D2: tl.constexpr, HB: tl.constexpr):
+    """This program's token (sample b, row l of the stream), its HB heads (and which exist),
+    the channel-pair index and the token's RoPE cos/sin."""
     row = tl.program_id(0)
     b, l = row // n_rows, row % n_rows
     heads = tl.program_id(1) * HB + tl.arange(0, HB)[:, None]
-    hm = heads < H
     pair = tl.arange(0, D2)[None, :]
-    src = qkv_ptr + b * s_qb + l * s_ql + heads * D
     cos = tl.load(f_ptr + b * s_fb + (offset + l) * s_fl + 2 * pair)
     sin = tl.load(f_ptr + b * s_fb + (offset + l) * s_fl + 2 * pair + 1)
+    return b, l, heads, heads < H, pair, cos, sin
+
+
+@triton.jit
+def forward_kernel(qkv_ptr, s_qb, s_ql, qs_ptr, ks_ptr, f_ptr, s_fb, s_fl, q_ptr, k_ptr, v_ptr,
+                   s_ob, s_oh, s_ol, n_rows, offset, eps,
+                   H: tl.constexpr, D: tl.constexpr, D2: tl.constexpr, HB: tl.constexpr):
+    b, l, heads, hm, pair, cos, sin = program_place(f_ptr, s_fb, s_fl, n_rows, offset, H, D2, HB)
+    src = qkv_ptr + b * s_qb + l * s_ql + heads * D
     dst = b * s_ob + heads * s_oh + (offset + l) * s_ol + 2 * pair
     norm_rope(src, qs_ptr, q_ptr, dst, pair, hm, cos, sin, eps, D)
     norm_rope(src + H * D, ks_ptr, k_ptr, dst, pair, hm, cos, sin, eps, D)
@@ -57,19 +64,14 @@ def forward_kernel(qkv_ptr, s_qb, s_ql, qs_ptr, ks_ptr, f_ptr, s_fb, s_fl, q_ptr
     v = tl.load(src + 2 * H * D + d, mask=hm)
     tl.store(v_ptr + b * s_ob + heads * s_oh + (offset + l) * s_ol + d, v, mask=hm)
 
+
 @triton.jit
 def backward_kernel(gq_ptr, gk_ptr, gv_ptr, s_gb, s_gh, s_gl, qkv_ptr, s_qb, s_ql, qs_ptr, ks_ptr,
                     f_ptr, s_fb, s_fl, dx_ptr, s_db, s_dl, n_rows, offset, eps,
                     H: tl.constexpr, D: tl.constexpr, D2: tl.constexpr, HB: tl.constexpr):
-    row = tl.program_id(0)
-    b, l = row // n_rows, row % n_rows
-    heads = tl.program_id(1) * HB + tl.arange(0, HB)[:, None]
-    hm = heads < H
-    pair = tl.arange(0, D2)[None, :]
+    b, l, heads, hm, pair, cos, sin = program_place(f_ptr, s_fb, s_fl, n_rows, offset, H, D2, HB)
     src = qkv_ptr + b * s_qb + l * s_ql + heads * D
     dst = dx_ptr + b * s_db + l * s_dl + heads * D
-    cos = tl.load(f_ptr + b * s_fb + (offset + l) * s_fl + 2 * pair)
-    sin = tl.load(f_ptr + b * s_fb + (offset + l) * s_fl + 2 * pair + 1)
     g_at = b * s_gb + heads * s_gh + (offset + l) * s_gl + 2 * pair
     norm_rope_backward(gq_ptr, g_at, src, qs_ptr, dst, pair, hm, cos, sin, eps, D)
     norm_rope_backward(gk_ptr, g_at, src + H * D, ks_ptr, dst + H * D, pair, hm, cos, sin, eps, D)
