@@ -503,3 +503,21 @@ def test_a_flux_lora_on_chroma_is_refused_with_the_reason(tmp_path):
     flux_lora = create(tiny()).state_dict()
     with pytest.raises(ModelFileError, match="trained on FLUX.1"):
         lora_flux.create_network_from_weights(1.0, None, None, None, tiny(chroma=True), weights_sd=flux_lora)
+
+
+def test_flux_blocks_with_lora_compile_as_one_graph():
+    # --torch_compile compiles block by block: a graph break inside a block (an op dynamo cannot
+    # trace, e.g. the LoRA once asking Tensor._is_view) splits it at every LoRA and recompiles.
+    import torch._dynamo as dynamo
+
+    from tests.test_offload import flux_inputs, tiny_flux_with_lora
+
+    params, model, _ = tiny_flux_with_lora(depth=1, single=1)
+    blocks, seen = (model.double_blocks[0], model.single_blocks[0]), {}
+    for block in blocks:
+        block.register_forward_pre_hook(lambda m, a, k: seen.setdefault(m, (a, k)) and None, with_kwargs=True)
+    model(**flux_inputs(params))
+    for block in blocks:
+        args, kwargs = seen[block]
+        report = dynamo.explain(block)(*args, **kwargs)
+        assert (report.graph_count, report.graph_break_count) == (1, 0), [str(r.reason) for r in report.break_reasons]

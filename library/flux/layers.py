@@ -134,9 +134,10 @@ class SelfAttention(nn.Module):
 def _fused_qk_rope(streams: list[tuple[Tensor, Tensor, Tensor]]) -> bool:
     """Whether to prepare q, k, v with the fused kernels (library/qk_norm_rope.py; an experiment
     behind FUSED_QK_ROPE until measured on a GPU)."""
+    if not FUSED_QK_ROPE or torch.compiler.is_compiling():   # first: compiled blocks trace nothing else here
+        return False
     on_device = streams[0][0].is_cuda or os.environ.get("TRITON_INTERPRET") == "1"   # the interpreter: CPU tests
-    return (FUSED_QK_ROPE and on_device and not torch.compiler.is_compiling()
-            and all(qk_norm_rope_supported(qkv, scales) for qkv, *scales in streams))
+    return on_device and all(qk_norm_rope_supported(qkv, scales) for qkv, *scales in streams)
 
 
 @dataclass
