@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anima_train_network import AnimaNetworkTrainer  # noqa: E402
-from benchmarks.bench_common import (add_cuda_graph_argument, add_memory_arguments, fp8_base, graphed, place_with_swap, billions_of_parameters, device_name, lora_training_step,  # noqa: E402
+from benchmarks.bench_common import (add_cuda_graph_argument, add_memory_arguments, fp8_base, graphed, place_with_swap, placement_fields, billions_of_parameters, device_name, lora_training_step,  # noqa: E402
                                      ready_to_train, synchronize, time_steps, timing_fields)
 from library.anima.arguments import apply_attention_options  # noqa: E402
 from library.anima.model import ANIMA_PARAMS, AnimaParams  # noqa: E402
@@ -104,7 +104,7 @@ def main() -> None:
     network = lora_anima.create_network(1.0, a.rank, a.rank, None, None, dit,
                                         train_llm_adapter=str(a.train_llm_adapter))
     network.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
-    placed = place_with_swap(a, trainer, args, models, network, device, batch=1, size=a.size)
+    placed = placement_fields(place_with_swap(a, trainer, args, models, network, device, batch=1, size=a.size))
     opt = ready_to_train(network, trainer, models, device, optimizer=a.optimizer, compile=a.compile,
                          capturable=a.cuda_graph)
 

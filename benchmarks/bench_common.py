@@ -65,32 +65,42 @@ def add_memory_arguments(ap: Any) -> None:
 
 
 def fp8_base(a: Any, trainer: Any, models: Any, device: torch.device, dtype: torch.dtype) -> str | None:
-    """--fp8_base: the trainer's own conversion of the block Linears (before the LoRA wraps them)."""
+    """--fp8_base: the trainer's own conversion of the block Linears (before the LoRA wraps them);
+    FLUX's benchmark also picks the matmul mode (--fp8_matmul)."""
     if not a.fp8_base:
         return None
+    mode = {"matmul": a.fp8_matmul} if getattr(a, "fp8_matmul", None) else {}
     return str(memory.quantize_base(models.denoiser, trainer.block_lists(models), device, dtype,
-                                    model_name=trainer.model_name(models), keep_on_device=True))
+                                    model_name=trainer.model_name(models), keep_on_device=True, **mode))
 
 
 def place_with_swap(a: Any, trainer: Any, args: Any, models: Any, network: Any, device: torch.device, *,
-                    batch: int, size: int) -> dict[str, Any]:
-    """--blocks_to_swap N|auto: the denoiser placed by the trainer's own code (after the LoRA is
-    built; 'auto' reads the free memory with the denoiser on the CPU, as in a run). The JSON
-    fields: the N used and the swap's message."""
-    if a.blocks_to_swap in (None, 0):
-        return {"blocks_to_swap": 0}
+                    batch: int, size: int, memory_cap_gib: float | None = None) -> memory.Placement:
+    """The denoiser placed by the trainer's own code, with --blocks_to_swap N|auto (after the LoRA
+    is built). As in a run, the denoiser arrives from the CPU when 'auto' reads the free memory
+    or a smaller card is emulated (`memory_cap_gib`: this process's CUDA memory capped first)."""
+    if a.blocks_to_swap == "auto" or memory_cap_gib:
+        models.denoiser.to("cpu")   # the LoRA is not part of the denoiser's modules: it stays where it is
+        torch.cuda.empty_cache()
+    if memory_cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(memory_cap_gib * 2**30 / total, index)
     lists = trainer.block_lists(models)
     args.gradient_checkpointing = not a.no_grad_ckpt
-    if a.blocks_to_swap == "auto":
-        models.denoiser.to("cpu")
-        torch.cuda.empty_cache()
     placement = memory.place_denoiser(
         models.denoiser, lists, device, a.blocks_to_swap, model_name=trainer.model_name(models),
         auto_fixed_bytes=lambda: memory.bytes_outside_blocks(models.denoiser, lists, network.get_trainable_params()),
         auto_activation_bytes=lambda: trainer.activation_bytes_estimate(args, models, batch, size, size))
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"blocks_to_swap": placement.blocks_to_swap, "swap": placement.message}
+    return placement
+
+
+def placement_fields(placement: memory.Placement) -> dict[str, Any]:
+    """The JSON line's swap fields: the N used, the swap's message, blocks it failed to prefetch."""
+    return {"blocks_to_swap": placement.blocks_to_swap, "swap": placement.message,
+            "fallback_loads": placement.swap.stats.fallback_loads if placement.swap else None}
 
 
 def add_cuda_graph_argument(ap: Any) -> None:

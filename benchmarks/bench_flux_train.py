@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_common import (add_cuda_graph_argument, graphed, device_name, lora_optimizer, lora_training_step,  # noqa: E402
-                                     profile_steps, time_steps, timing_fields)
+from benchmarks.bench_common import (add_cuda_graph_argument, add_memory_arguments, device_name,  # noqa: E402
+                                     fp8_base, graphed, lora_optimizer, lora_training_step, place_with_swap,
+                                     placement_fields, profile_steps, time_steps, timing_fields)
 from flux_train_network import FluxNetworkTrainer  # noqa: E402
 from library import attention  # noqa: E402
 from library.flux import layers as flux_layers  # noqa: E402
@@ -84,9 +85,7 @@ def main() -> None:
     ap.add_argument("--variant", choices=["dev", "chroma"], default="dev")
     ap.add_argument("--train_text_encoders", choices=["none", "clip_l", "clip_l+t5"], default="none",
                     help="also train text-encoder LoRA (live encoding; T5 outputs cached with clip_l alone)")
-    ap.add_argument("--blocks_to_swap", type=memory.parse_blocks_to_swap, default=0,
-                    help="block swap (N or auto), as the trainer places the DiT")
-    ap.add_argument("--fp8_base", action="store_true", help="fp8 block weights, as the trainer converts them")
+    add_memory_arguments(ap)
     ap.add_argument("--cpu_offload_checkpointing", action="store_true")
     ap.add_argument("--fp8_matmul", default=memory.FP8_TRAINING_MATMUL, choices=["auto", "upcast", "scaled"],
                     help="with --fp8_base: scaled fp8 matmuls where they pay (auto), never, or always")
@@ -121,12 +120,6 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     if not a.no_grad_ckpt:
         dit.enable_gradient_checkpointing(cpu_offload=a.cpu_offload_checkpointing)
-    lists = [dit.double_blocks, dit.single_blocks]
-    fp8_report = None
-    if a.fp8_base:   # the trainer's own conversion, before the LoRA wraps the layers
-        fp8_report = str(memory.quantize_base(dit, lists, device, dtype, model_name="FLUX", keep_on_device=True,
-                                                  matmul=a.fp8_matmul))
-
     trainer = FluxNetworkTrainer()
     args = trainer.build_parser().parse_args([
         "--timestep_sampling", "shift", "--discrete_flow_shift", "3.1582", "--model_prediction_type", "raw",
@@ -138,30 +131,20 @@ def main() -> None:
     encoders = [text_encoding.clip_l, text_encoding.t5] if text_encoding else [None, None]
     models = FamilyModels(denoiser=dit, text_encoders=encoders, vae=None,
                           info=type("Info", (), {"variant": a.variant})(), extra={"text": text_encoding})
+    fp8_report = fp8_base(a, trainer, models, device, dtype)   # before the LoRA wraps the layers
 
     network = lora_flux.create_network(1.0, a.rank, a.rank, None, encoders, dit,
                                        train_t5xxl=str(1 in trained_tes))
     network.apply_to(apply_text_encoder=bool(trained_tes), apply_unet=True)
     network.to(device)
-    if a.memory_cap_gib or a.blocks_to_swap == "auto":
-        # As in the trainer: the DiT arrives from the CPU, and 'auto' reads what is free then.
-        dit.to("cpu")   # the LoRA is not part of the DiT's modules: it stays on the GPU
-        torch.cuda.empty_cache()
-    if a.memory_cap_gib:
-        total = torch.cuda.get_device_properties(device).total_memory
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.set_per_process_memory_fraction(a.memory_cap_gib * 2**30 / total, index)
-    args.t5xxl_max_token_length, args.gradient_checkpointing = a.t5_len, not a.no_grad_ckpt
+    args.t5xxl_max_token_length = a.t5_len
     try:
-        placement = memory.place_denoiser(
-            dit, lists, device, a.blocks_to_swap, model_name="FLUX",
-            auto_fixed_bytes=lambda: memory.bytes_outside_blocks(dit, lists, network.get_trainable_params()),
-            auto_activation_bytes=lambda: trainer.activation_bytes_estimate(args, models, 1, a.size, a.size))
+        placement = place_with_swap(a, trainer, args, models, network, device, batch=1, size=a.size,
+                                    memory_cap_gib=a.memory_cap_gib)
     except torch.cuda.OutOfMemoryError:
         print(json.dumps({"model": "flux1-dev", "memory_cap_gib": a.memory_cap_gib, "blocks_to_swap": a.blocks_to_swap,
                           "oom": True, "oom_at": "placing the model"}))
         return
-    torch.cuda.empty_cache() if device.type == "cuda" else None
     if a.compile:
         compile_blocks(trainer.block_lists(models), "inductor")
     opt = lora_optimizer(network, a.optimizer, capturable=a.cuda_graph)
@@ -198,9 +181,9 @@ def main() -> None:
         "model": ("tiny-" if a.tiny else "") + ("chroma" if chroma else "flux1-dev"),
         "train_text_encoders": a.train_text_encoders, "device": device_name(device),
         "size": a.size, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt, "compile": a.compile, "cuda_graph": a.cuda_graph, "fused_qk_rope": a.fused_qk_rope,
-        "attention": a.attention, "sdpa_kernels": a.sdpa_kernels, "blocks_to_swap": placement.blocks_to_swap, "memory_cap_gib": a.memory_cap_gib, "oom": False, "fp8_base": a.fp8_base, "cpu_offload_checkpointing": a.cpu_offload_checkpointing,
-        "fp8": fp8_report, "fp8_matmul": a.fp8_matmul if a.fp8_base else None, "swap": placement.message,
-        "fallback_loads": placement.swap.stats.fallback_loads if placement.swap else None,
+        "attention": a.attention, "sdpa_kernels": a.sdpa_kernels, "memory_cap_gib": a.memory_cap_gib, "oom": False,
+        "fp8_base": a.fp8_base, "cpu_offload_checkpointing": a.cpu_offload_checkpointing,
+        "fp8": fp8_report, "fp8_matmul": a.fp8_matmul if a.fp8_base else None, **placement_fields(placement),
         **timing_fields(times, device, build_s=build_s, flops_per_step=flops, peak_tflops=a.peak_tflops,
                         tflop_digits=1),
         "first_steps_s": [round(t, 2) for t in times[:3]], **profiled,

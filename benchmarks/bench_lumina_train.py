@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_common import (add_cuda_graph_argument, add_memory_arguments, fp8_base, graphed, place_with_swap, billions_of_parameters, device_name, lora_training_step,  # noqa: E402
+from benchmarks.bench_common import (add_cuda_graph_argument, add_memory_arguments, fp8_base, graphed, place_with_swap, placement_fields, billions_of_parameters, device_name, lora_training_step,  # noqa: E402
                                      ready_to_train, time_steps, timing_fields)
 from library.attention import set_attention_backend  # noqa: E402
 from library.errors import ConfigError  # noqa: E402
@@ -99,7 +99,7 @@ def main() -> None:
     fp8 = fp8_base(a, trainer, models, device, dtype)   # before the LoRA wraps the layers
     network = lora_lumina.create_network(1.0, a.rank, a.rank, None, None, dit)
     network.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
-    placed = place_with_swap(a, trainer, args, models, network, device, batch=a.batch, size=a.size)
+    placed = placement_fields(place_with_swap(a, trainer, args, models, network, device, batch=a.batch, size=a.size))
     opt = ready_to_train(network, trainer, models, device, optimizer=a.optimizer, compile=a.compile,
                          capturable=a.cuda_graph)
 

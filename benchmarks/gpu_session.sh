@@ -44,6 +44,13 @@ tiny_flux_e2e() {
     --model_prediction_type raw --sample_prompts configs/quickstart/prompts.txt --sample_every_n_steps $every \
     --seed 1 "$@" > "$OUT/e2e_train.log" 2>&1
 }
+# Launch to first step of one family's full-size set (bench_launch.py, 2 runs; run 2 is the figure):
+# launch_family FAMILY TIMEOUT_S. SD3.5 Large writes 27 GB of files first: it needs about 330 s.
+launch_family() {
+  timeout $2 python3 benchmarks/bench_launch.py --family $1 --models /tmp/$1_full --runs 2 \
+    --log "$OUT/launch_$1.txt" 2>&1 | tail -1 | tee -a "$OUT/launch_families.jsonl"
+  rm -rf /tmp/$1_full
+}
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -78,8 +85,7 @@ if [ "$WHAT" = open_c ]; then
   echo "== --blocks_to_swap auto under a 16 GiB cap (estimate 1.25 working sets)"
   timeout 200 python3 benchmarks/bench_auto_swap.py --caps 16 --max_probes 3 --out "$OUT/auto_swap16.jsonl" 2>&1 | tail -2
   echo "== SD3.5 Large launch to first step"
-  timeout 330 python3 benchmarks/bench_launch.py --family sd3 --models /tmp/sd3_full --runs 2 \
-    --log "$OUT/launch_sd3.txt" 2>&1 | tail -1 | tee -a "$OUT/launch_families.jsonl"
+  launch_family sd3 330
   exit 0
 fi
 
@@ -91,11 +97,9 @@ if [ "$WHAT" = graphs_launch ]; then
   timeout 120 python3 benchmarks/bench_flux_train.py --device cuda --steps 15 --cuda_graph --compile \
     2>>"$OUT/graphs_err.log" | tail -1 | tee -a "$OUT/graphs.jsonl"
   echo "== launch to first step, Anima / Lumina 2 / SD3.5 Large (files in the page cache; run 2 is the figure)"
-  for f in anima lumina sd3; do   # SD3.5 Large writes 27 GB of files first: 110 s was too little
-    timeout $([ $f = sd3 ] && echo 330 || echo 110) python3 benchmarks/bench_launch.py --family $f --models /tmp/${f}_full --runs 2 \
-      --log "$OUT/launch_$f.txt" 2>&1 | tail -1 | tee -a "$OUT/launch_families.jsonl"
-    rm -rf /tmp/${f}_full
-  done
+  launch_family anima 110
+  launch_family lumina 110
+  launch_family sd3 330
   exit 0
 fi
 
@@ -109,8 +113,8 @@ if [ "$WHAT" = graphs ]; then
     timeout 150 python3 benchmarks/bench_flux_train.py --device cuda --steps 15 $extra \
       --profile_tables "$OUT/prof_graph.txt" 2>>"$OUT/graphs_err.log" | tail -1 | tee -a "$OUT/graphs.jsonl"
   done
-  echo "== SD3.5 Large, Lumina 2, Anima steps as CUDA graphs"
-  for fam in sd3 lumina anima; do
+  echo "== SD3.5 Large and Anima steps as CUDA graphs (Lumina's step cannot be recorded)"
+  for fam in sd3 anima; do
     timeout 100 python3 benchmarks/bench_${fam}_train.py --device cuda --steps 15 --cuda_graph \
       2>>"$OUT/graphs_err.log" | tail -1 | tee -a "$OUT/graphs.jsonl"
   done
@@ -166,9 +170,7 @@ fi
 if [ "$WHAT" = launch_families ]; then
   echo "== launch to first step, SD3.5 Large / Lumina 2 / Anima (files in the page cache; run 2 is the figure)"
   for f in sd3 lumina anima; do
-    timeout 330 python3 benchmarks/bench_launch.py --family $f --models /tmp/${f}_full --runs 2 \
-      --log "$OUT/launch_$f.txt" 2>&1 | tail -1 | tee -a "$OUT/launch_families.jsonl"
-    rm -rf /tmp/${f}_full
+    launch_family $f 330
   done
   exit 0
 fi

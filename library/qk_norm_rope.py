@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 
+@functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
