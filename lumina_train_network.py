@@ -56,8 +56,12 @@ class LuminaNetworkTrainer(FlowMatchingTrainer):
     default_resolution = 1024
 
     def cuda_graph_blockers(self, args) -> list[str]:
-        return ["Lumina's forward packs each caption by its length, which it reads from the mask to Python "
-                "every step"]
+        # Under --cuda_graph the DiT keeps the captions' padded length (denoise: fixed_length) and
+        # masks on the device; flash-attn's varlen packing would read the lengths to the host.
+        if args.use_flash_attn:
+            return ["--use_flash_attn (its varlen kernel packs the real tokens by lengths read to the host); "
+                    "remove it: SDPA runs the masked attention"]
+        return []
 
     def add_family_arguments(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("Lumina Image 2.0")
@@ -213,7 +217,9 @@ class LuminaNetworkTrainer(FlowMatchingTrainer):
         dtype = dit.x_embedder.weight.dtype
         # t stays float32: the sinusoidal embedding of 1 - sigma needs more than bf16's 8 bits near 1
         t = self.model_time(noisy.sigmas).float()
-        return dit(noisy.noisy.to(dtype), t, text["hidden_state"].to(dtype), text["attention_mask"])
+        # --cuda_graph: the caption lengths stay on the device, the padded length is kept (same outputs)
+        return dit(noisy.noisy.to(dtype), t, text["hidden_state"].to(dtype), text["attention_mask"],
+                   fixed_length=bool(getattr(args, "cuda_graph", False)))
 
     # ---- sampling -----------------------------------------------------------------------------
     def encode_prompts_for_sampling(self, args, models, prompts, device):

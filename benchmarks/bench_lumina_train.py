@@ -73,6 +73,8 @@ def main() -> None:
     a = ap.parse_args()
     if not 1 <= a.cap_tokens <= a.cap_len:
         ap.error("--cap_tokens must lie in 1..--cap_len")
+    if a.cuda_graph and a.use_flash_attn:
+        ap.error("--cuda_graph with --use_flash_attn: the trainer refuses it (varlen reads lengths to the host)")
 
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -92,7 +94,8 @@ def main() -> None:
     trainer = LuminaNetworkTrainer()
     args = trainer.build_parser().parse_args([
         "--timestep_sampling", "nextdit_shift", "--discrete_flow_shift", "6.0", "--model_prediction_type", "raw",
-        "--mixed_precision", "bf16" if dtype == torch.bfloat16 else "no"])
+        "--mixed_precision", "bf16" if dtype == torch.bfloat16 else "no",
+        *(["--cuda_graph"] if a.cuda_graph else [])])   # denoise then keeps the caption's padded length
     trainer._loss_config = trainer.loss_config(args)
     models = FamilyModels(denoiser=dit, text_encoders=[None], vae=None)
 

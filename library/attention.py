@@ -156,11 +156,11 @@ class RightPadding:
     tokens followed by padding. Built once per forward from lengths known on the host, so
     neither the SDPA key mask nor flash-attn's varlen bookkeeping needs a device sync."""
 
-    lengths: tuple[int, ...]
+    lengths: tuple[int, ...] | None   # None: built on the device (right_padding_on_device)
     padded_length: int
     key_mask: Tensor          # (B, 1, 1, L) bool, True = real key (SDPA)
-    token_indices: Tensor     # (sum(lengths),) flat indices of the real tokens in (B * L)
-    cu_seqlens: Tensor        # (B + 1,) int32 cumulative lengths (flash-attn varlen)
+    token_indices: Tensor | None   # (sum(lengths),) flat indices of the real tokens in (B * L)
+    cu_seqlens: Tensor | None      # (B + 1,) int32 cumulative lengths (flash-attn varlen)
 
 
 def right_padding(lengths: Sequence[int], padded_length: int, device: torch.device | str) -> RightPadding | None:
@@ -183,6 +183,16 @@ def right_padding(lengths: Sequence[int], padded_length: int, device: torch.devi
     )
 
 
+def right_padding_on_device(lengths: Tensor, padded_length: int) -> RightPadding:
+    """The padding description from lengths (B,) already on the device, read nowhere on the
+    host, so a CUDA graph can record it (--cuda_graph). It holds the SDPA key mask only:
+    flash-attn's varlen packing needs the lengths on the host."""
+    positions = torch.arange(padded_length, device=lengths.device)
+    key_mask = positions[None, :] < lengths[:, None]
+    return RightPadding(lengths=None, padded_length=padded_length, key_mask=key_mask[:, None, None, :],
+                        token_indices=None, cu_seqlens=None)
+
+
 def attention_right_padded(q: Tensor, k: Tensor, v: Tensor, padding: RightPadding | None) -> Tensor:
     """Self-attention over a right-padded batch: q, k, v (B, H, L, D) share the padding; padded
     keys are ignored. The outputs at padded query positions are meaningless (finite) and must be
@@ -192,6 +202,9 @@ def attention_right_padded(q: Tensor, k: Tensor, v: Tensor, padding: RightPaddin
     if padding is None:
         return attention(q, k, v)
     if _selected == "flash" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if padding.token_indices is None:
+            raise ValueError("flash-attn's varlen kernel needs the lengths on the host; this padding was built "
+                             "on the device (right_padding_on_device)")
         return _flash_varlen(q, k, v, padding)
     return _sdpa(q, k, v, padding.key_mask)
 

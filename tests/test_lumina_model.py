@@ -94,6 +94,41 @@ def test_caption_padding_never_matters(models):
     assert (ours(x, t, real_change, mask) - base)[0].abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("lengths", [[5, 12, 9], [12], [3, 3]])
+def test_fixed_length_forward_matches_and_reads_nothing_to_the_host(models, monkeypatch, lengths):
+    # --cuda_graph: the padded caption length is kept and the lengths stay tensors; outputs and
+    # gradients equal the trimmed forward's (and the reference's), and no host read happens.
+    ours, ref = models
+    x, t, cap, mask = _inputs(ours.params, len(lengths), 6, 4, 12, lengths, seed=5)
+    cap.requires_grad_(True)
+    trimmed = ours(x, t, cap, mask)
+    (grad_trimmed,) = torch.autograd.grad(trimmed.square().sum(), cap)
+
+    import library.lumina.model as lumina_model
+    monkeypatch.setattr(lumina_model, "caption_lengths", lambda *a: pytest.fail("caption lengths read to the host"))
+    monkeypatch.setattr(lumina_model, "right_padding", lambda *a: pytest.fail("host-side padding"))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("tolist in the fixed-length forward"))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("item in the fixed-length forward"))
+    fixed = ours(x, t, cap, mask, fixed_length=True)
+    (grad_fixed,) = torch.autograd.grad(fixed.square().sum(), cap)
+    monkeypatch.undo()
+    assert (fixed - trimmed).abs().max() <= TOL
+    with torch.no_grad():
+        assert (fixed - ref(x, t, cap, mask, return_dict=False)[0]).abs().max() <= TOL
+    assert torch.allclose(grad_fixed, grad_trimmed, atol=1e-5)
+
+
+def test_device_padding_is_a_key_mask_and_refuses_flash_varlen(monkeypatch):
+    padding = attn.right_padding_on_device(torch.tensor([2, 4]), 4)
+    assert padding.key_mask[:, 0, 0].tolist() == [[True, True, False, False], [True] * 4]
+    assert padding.token_indices is None and padding.lengths is None
+    monkeypatch.setattr(attn, "_selected", "flash")
+    q = torch.randn(2, 1, 4, 8, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))   # as on a GPU
+    with pytest.raises(ValueError, match="needs the lengths on the host"):
+        attn.attention_right_padded(q, q, q, padding)
+
+
 @torch.no_grad()
 def test_timestep_runs_towards_the_image(models):
     """t is the model time (1 = clean): the embedder takes it without FLUX's x1000."""

@@ -193,7 +193,7 @@ def test_options_a_recording_cannot_hold_are_named(change, fragment):
 
 @pytest.mark.parametrize("script, extra, fragment", [
     ("flux", ("--mixed_precision", "fp16"), "fp16 (its loss scaler"),
-    ("lumina", (), "Lumina's forward packs each caption"),
+    ("lumina", ("--use_flash_attn",), "--use_flash_attn (its varlen kernel"),
     ("sd3", ("--t5_dropout_rate", "0.1"), "--t5_dropout_rate (drawn on the CPU"),
     ("sd", (), "SD 1.x/2.x draws its timesteps on the CPU"),
 ])

@@ -27,7 +27,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from library.attention import right_padding
+from library.attention import right_padding, right_padding_on_device
 from library.flux.layers import EmbedND
 from library.block_checkpointing import BlockCheckpointing
 from library.lumina.layers import FinalLayer, JointTransformerBlock, RMSNorm, TimestepEmbedder
@@ -118,26 +118,44 @@ class NextDiT(BlockCheckpointing, nn.Module):
         self.final_layer = FinalLayer(params.dim, params.patch_features, params.adaln_dim)
         self.rope_embedder = EmbedND(dim=params.head_dim, theta=params.theta, axes_dim=list(params.axes_dims))
 
-    def forward(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None = None,
+                fixed_length: bool = False) -> Tensor:
         """x (B, C, H, W) latents (H, W multiples of the patch size); t (B,) model time, 1 = clean;
         cap_feats (B, L, cap_feat_dim) Gemma2 states; cap_mask (B, L), 1 = real token,
-        right-padded (None = all real). Caption padding never affects the output."""
+        right-padded (None = all real). Caption padding never affects the output.
+
+        fixed_length: keep the caption's padded length L and read the caption lengths nowhere on
+        the host (--cuda_graph: shapes then depend on the batch's shapes alone, and the step
+        never waits on the GPU). Same outputs; the padding after the longest caption is computed
+        and masked instead of cut."""
         batch, _, height, width = x.shape
         p = self.patch_size
         if height % p or width % p:
             raise ValueError(f"latent size {height}x{width} is not a multiple of the patch size {p}")
         rows, cols = height // p, width // p
         n_img = rows * cols
-        cap_lens = caption_lengths(cap_mask, batch, cap_feats.shape[1])
-        self._check_positions(max(cap_lens), rows, cols)
         device = x.device
+        if fixed_length:
+            n_cap = cap_feats.shape[1]
+            self._check_positions(n_cap, rows, cols)
+            cap_lens_t = (torch.full((batch,), n_cap, device=device) if cap_mask is None
+                          else cap_mask.bool().sum(dim=1))
+            cap_padding = right_padding_on_device(cap_lens_t, n_cap)
+            joint_len = n_cap + n_img
+            joint_padding = right_padding_on_device(cap_lens_t + n_img, joint_len)
+        else:
+            cap_lens = caption_lengths(cap_mask, batch, cap_feats.shape[1])
+            self._check_positions(max(cap_lens), rows, cols)
+            # Padding after the longest caption changes nothing (padded keys are masked, padded
+            # queries are dropped): cut it before any compute is spent on it.
+            n_cap = max(cap_lens)
+            cap_lens_t = torch.tensor(cap_lens, device=device)
+            cap_padding = right_padding(cap_lens, n_cap, device)
+            joint_len = n_cap + n_img
+            joint_padding = right_padding([n + n_img for n in cap_lens], joint_len, device)
 
-        # Padding after the longest caption changes nothing (padded keys are masked, padded
-        # queries are dropped): cut it before any compute is spent on it.
-        n_cap = max(cap_lens)
         cap = self.cap_embedder(cap_feats[:, :n_cap])
         adaln_input = self.t_embedder(t)
-        cap_lens_t = torch.tensor(cap_lens, device=device)
 
         cap_ids = torch.zeros(batch, n_cap, 3, device=device)
         cap_ids[..., 0] = torch.arange(n_cap, device=device)
@@ -147,7 +165,6 @@ class NextDiT(BlockCheckpointing, nn.Module):
         img_ids[..., 2] = torch.arange(cols, device=device).repeat(rows)
 
         cap_freqs = self.rope_embedder(cap_ids)
-        cap_padding = right_padding(cap_lens, n_cap, device)
         for block in self.context_refiner:
             cap = self.run_block(block, cap, cap_freqs, cap_padding)
 
@@ -156,11 +173,8 @@ class NextDiT(BlockCheckpointing, nn.Module):
         for block in self.noise_refiner:
             img = self.run_block(block, img, img_freqs, None, adaln_input)
 
-        seq_lens = [n + n_img for n in cap_lens]
-        joint_len = max(seq_lens)
         joint = join_caption_and_image(cap, img, cap_lens_t, joint_len)
         joint_freqs = self.rope_embedder(join_caption_and_image(cap_ids, img_ids, cap_lens_t, joint_len))
-        joint_padding = right_padding(seq_lens, joint_len, device)
         for block in self.layers:
             joint = self.run_block(block, joint, joint_freqs, joint_padding, adaln_input)
 
