@@ -73,8 +73,11 @@ class SDNetworkTrainer(NetworkTrainer):
     handled_options = frozenset({"xformers", "mem_eff_attn"})
 
     def cuda_graph_blockers(self, args) -> list[str]:
-        return ["SD 1.x/2.x draws its timesteps on the CPU each step (as sd-scripts does, for the same "
-                "random stream)"]
+        # Timesteps are drawn on the GPU under --cuda_graph (noisy_input); the Huber c's snr
+        # schedule still indexes ᾱ on the host.
+        if args.loss_type in ("huber", "smooth_l1"):
+            return [f"--loss_type {args.loss_type} (its per-timestep c is computed on the CPU); use l2 or l1"]
+        return []
 
     def check_args(self, args) -> None:
         super().check_args(args)
@@ -207,7 +210,10 @@ class SDNetworkTrainer(NetworkTrainer):
     # ---- timesteps, forward, loss -------------------------------------------------------------
     def noisy_input(self, args, latents, noise) -> NoisyInput:
         cfg = self.ddpm_config(args)
-        timesteps = ddpm.sample_timesteps(cfg, latents.shape[0], device=latents.device)
+        # --cuda_graph draws them on the GPU (a recorded step cannot draw on the CPU): another
+        # random stream than sd-scripts' (docs/compatibility.md)
+        timesteps = ddpm.sample_timesteps(cfg, latents.shape[0], device=latents.device,
+                                          on_device=bool(getattr(args, "cuda_graph", False)))
         noise = ddpm.noise_with_options(cfg, noise, latents)
         return self._noisy(cfg, latents, noise, ddpm.input_noise(cfg, noise), timesteps)
 

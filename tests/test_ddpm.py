@@ -87,6 +87,26 @@ def test_bad_options_are_refused(argv, message):
         ddpm.DDPMConfig.from_args(parse(*argv))
 
 
+def test_timesteps_on_the_device_and_the_schedule_copied_once(monkeypatch):
+    # --cuda_graph: timesteps drawn where the step runs (no CPU draw, no host copy), in range;
+    # the schedule's ᾱ copied to a device once, not each step.
+    cfg = ddpm.DDPMConfig.from_args(parse("--min_timestep", "100", "--max_timestep", "200"))
+    drawn_on = []
+    real_randint = torch.randint
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: drawn_on.append(k.get("device")) or real_randint(*a, **k))
+    t = ddpm.sample_timesteps(cfg, 500, device="cpu", on_device=True)
+    assert drawn_on == ["cpu"] and t.min() >= 100 and t.max() < 200
+    ddpm.sample_timesteps(cfg, 4)
+    assert drawn_on[-1] is None, "without the option: drawn by the CPU generator, then moved (sd-scripts' stream)"
+    schedule = ddpm.DDPMSchedule.sd()
+    x = torch.randn(3, 4, 2, 2)
+    first = schedule.add_noise(x, x, t[:3])
+    copies = dict(schedule._alphas_on)
+    schedule.velocity(x, x, t[:3]), schedule.snr(t[:3]), schedule.add_noise(x, x, t[:3])
+    assert len(copies) == 1 and all(schedule._alphas_on[k] is v for k, v in copies.items())
+    assert torch.equal(first, schedule.add_noise(x, x, t[:3]))
+
+
 def test_timesteps_stay_in_range_and_noise_options_apply():
     cfg = ddpm.DDPMConfig.from_args(parse("--min_timestep", "100", "--max_timestep", "200"))
     t = ddpm.sample_timesteps(cfg, 1000)

@@ -195,7 +195,7 @@ def test_options_a_recording_cannot_hold_are_named(change, fragment):
     ("flux", ("--mixed_precision", "fp16"), "fp16 (its loss scaler"),
     ("lumina", ("--use_flash_attn",), "--use_flash_attn (its varlen kernel"),
     ("sd3", ("--t5_dropout_rate", "0.1"), "--t5_dropout_rate (drawn on the CPU"),
-    ("sd", (), "SD 1.x/2.x draws its timesteps on the CPU"),
+    ("sd", ("--loss_type", "huber"), "--loss_type huber (its per-timestep c is computed on the CPU)"),
 ])
 def test_family_trainers_refuse_what_they_cannot_record(script, extra, fragment):
     import importlib

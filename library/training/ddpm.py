@@ -20,7 +20,7 @@ Loss weights, multiplied per sample in sd-scripts' order (all are per-sample fac
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -161,6 +161,15 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
 class DDPMSchedule:
     betas: Tensor
     alphas_cumprod: Tensor
+    # ᾱ per (device, dtype), copied once: a copy from the host each step would make the step wait
+    # (and could not be recorded by --cuda_graph)
+    _alphas_on: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def alphas_cumprod_on(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
+        key = (str(device), dtype)
+        if key not in self._alphas_on:
+            self._alphas_on[key] = self.alphas_cumprod.to(device, dtype)
+        return self._alphas_on[key]
 
     @classmethod
     def sd(cls, zero_terminal_snr: bool = False) -> "DDPMSchedule":
@@ -170,7 +179,7 @@ class DDPMSchedule:
         return cls(betas=betas, alphas_cumprod=(1.0 - betas).cumprod(0))
 
     def _coefficients(self, timesteps: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        a = self.alphas_cumprod.to(like.device, like.dtype)[timesteps.long().to(like.device)]
+        a = self.alphas_cumprod_on(like.device, like.dtype)[timesteps.long().to(like.device)]
         shape = (-1,) + (1,) * (like.ndim - 1)
         return a.sqrt().reshape(shape), (1 - a).sqrt().reshape(shape)
 
@@ -186,7 +195,7 @@ class DDPMSchedule:
 
     def snr(self, timesteps: Tensor) -> Tensor:
         """ᾱ/(1−ᾱ) per timestep, float32 (inf where ᾱ = 1 cannot happen: β > 0; 0 at a zero terminal SNR)."""
-        a = self.alphas_cumprod.to(timesteps.device)[timesteps.long()]
+        a = self.alphas_cumprod_on(timesteps.device)[timesteps.long()]
         return a / (1 - a)
 
 
@@ -194,8 +203,12 @@ class DDPMSchedule:
 # Per step.
 
 def sample_timesteps(cfg: DDPMConfig, batch_size: int, device: torch.device | str = "cpu",
-                     generator: torch.Generator | None = None) -> Tensor:
+                     generator: torch.Generator | None = None, on_device: bool = False) -> Tensor:
+    """t ~ randint(low, high), drawn on the CPU as sd-scripts does (its random stream), or on
+    `device` (on_device: --cuda_graph, whose recorded step cannot draw on the CPU)."""
     low, high = cfg.timestep_range
+    if on_device:
+        return torch.randint(low, high, (batch_size,), generator=generator, device=device)
     return torch.randint(low, high, (batch_size,), generator=generator).to(device)
 
 
