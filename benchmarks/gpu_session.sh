@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: everything that needs CUDA, logs to $OUT. Usage on the GPU machine:
-#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|graphs|graphs_launch|open_a|open_b|open_c|all]
+#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|graphs|graphs_launch|open_a|open_b|open_c|open_d|all]
 #     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 #     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
@@ -23,6 +23,8 @@
 #               (parity tests, then eager and recorded), compiled + recorded
 #     open_b:   part 2: the other families with block swap and fp8 (eager)
 #     open_c:   part 3: auto at 16 GiB with the 1.25x estimate, SD3.5 Large launch
+#     open_d:   the fused q/k norm + RoPE failure at full size (launches blocking), Lumina and SD 1.x
+#               recorded vs eager (GPU tests), Lumina 2 recorded, FLUX fp8 compiled + recorded, auto at 16 GiB
 set -uo pipefail
 WHAT=${1:-all}
 
@@ -86,6 +88,27 @@ if [ "$WHAT" = open_c ]; then
   timeout 200 python3 benchmarks/bench_auto_swap.py --caps 16 --max_probes 3 --out "$OUT/auto_swap16.jsonl" 2>&1 | tail -2
   echo "== SD3.5 Large launch to first step"
   launch_family sd3 330
+  exit 0
+fi
+
+if [ "$WHAT" = open_d ]; then
+  echo "== fused q/k norm + RoPE at FLUX.1-dev's full lengths, then the benchmark with launches blocking"
+  timeout 60 python3 -c "from tests.test_qk_norm_rope import compare; import torch; compare('cuda', torch.bfloat16, batch=1, heads=24, head_dim=128, lengths=(512, 4096)); print('full-length parity ok')" 2>&1 | tail -3
+  CUDA_LAUNCH_BLOCKING=1 timeout 70 python3 benchmarks/bench_flux_train.py --device cuda --steps 3 --fused_qk_rope \
+    > "$OUT/fused_blocking.log" 2>&1; tail -4 "$OUT/fused_blocking.log"
+  echo "== GPU tests: Lumina and SD 1.x recorded (--cuda_graph) vs eager through the CLI"
+  timeout 170 python3 -m pytest -q -m gpu tests/test_lumina_train_e2e.py tests/test_sd_train_e2e.py -p no:randomly \
+    -k recorded 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+  echo "== Lumina 2 as a CUDA graph; FLUX.1-dev fp8 compiled + recorded"
+  timeout 100 python3 benchmarks/bench_lumina_train.py --device cuda --steps 15 --cuda_graph 2>>"$OUT/err.log" \
+    | tail -1 | tee -a "$OUT/open.jsonl"
+  timeout 150 python3 benchmarks/bench_flux_train.py --device cuda --steps 15 --fp8_base --cuda_graph --compile \
+    2>>"$OUT/err.log" | tail -1 | tee -a "$OUT/open.jsonl"
+  echo "== --blocks_to_swap auto under a 16 GiB cap (estimate 1.25 working sets), probed down"
+  timeout 180 python3 benchmarks/bench_auto_swap.py --caps 16 --max_probes 3 --out "$OUT/auto_swap16.jsonl" 2>&1 | tail -2
+  echo "== FLUX.1-dev compiled + recorded, profiled (what is left in the step)"
+  timeout 100 python3 benchmarks/bench_flux_train.py --device cuda --steps 12 --cuda_graph --compile --profile \
+    --profile_tables "$OUT/prof_compile_graph.txt" 2>>"$OUT/err.log" | tail -1 | tee -a "$OUT/open.jsonl"
   exit 0
 fi
 
