@@ -98,3 +98,29 @@ def test_fused_activation_quantiser_matches_the_eager_one():
         q_ref, s_ref = quantize_rows(x, rowwise)
         assert torch.equal(s, s_ref) and torch.equal(q.float(), q_ref.float())
         assert _rel(q.float() * s, x) < 0.04
+
+
+def test_recorded_upcast_runs_the_vectorised_kernel_and_gives_the_same_bits(monkeypatch):
+    # --cuda_graph: while recording, fp8 weights are upcast by library/fp8_upcast_kernel.py
+    import library.fp8 as fp8
+
+    pytest.importorskip("triton")
+    calls = []
+    kernel = fp8._upcast_kernel()
+    monkeypatch.setattr(fp8, "_upcast_kernel", lambda: type("Spy", (), {
+        "__getitem__": lambda self, grid: (lambda *a, **k: calls.append(grid) or kernel[grid](*a, **k))})())
+    torch.manual_seed(0)
+    w = (torch.randn(3072, 12288 + 5, device="cuda") * 40).to(torch.float8_e4m3fn)   # odd size: masked tail
+    eager = fp8._upcast(w, torch.bfloat16)
+    assert not calls, "eager steps keep PyTorch's copy (a Triton launch costs the host more)"
+    warm = torch.cuda.Stream()
+    with torch.cuda.stream(warm):
+        fp8._upcast(w, torch.bfloat16)
+    torch.cuda.current_stream().wait_stream(warm)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        recorded = fp8._upcast(w, torch.bfloat16)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert len(calls) == 1
+    assert torch.equal(recorded, eager) and torch.equal(recorded, w.to(torch.bfloat16))
