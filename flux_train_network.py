@@ -170,7 +170,8 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
         return estimate_activation_bytes(batch=batch, tokens=tokens, hidden=p.hidden_size,
                                          mlp_hidden=int(p.hidden_size * p.mlp_ratio),
                                          num_blocks=p.depth + p.depth_single_blocks,
-                                         gradient_checkpointing=args.gradient_checkpointing)
+                                         gradient_checkpointing=args.gradient_checkpointing,
+                                         kept_attention_outputs=int(args.keep_attention_outputs))
 
     # ---- the forward --------------------------------------------------------------------------
     def denoise(self, args, models, noisy: NoisyInput, text: dict) -> torch.Tensor:

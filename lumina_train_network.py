@@ -173,7 +173,8 @@ class LuminaNetworkTrainer(FlowMatchingTrainer):
         tokens = (height // 16) * (width // 16) + args.gemma2_max_token_length
         return estimate_activation_bytes(batch=batch, tokens=tokens, hidden=p.dim, mlp_hidden=p.ffn_hidden_dim,
                                          num_blocks=p.n_layers + p.n_refiner_layers,
-                                         gradient_checkpointing=args.gradient_checkpointing)
+                                         gradient_checkpointing=args.gradient_checkpointing,
+                                         kept_attention_outputs=int(args.keep_attention_outputs))
 
     def latent_encoder(self, args, models, device):
         if not hasattr(self, "_latent_encoder"):

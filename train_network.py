@@ -88,6 +88,9 @@ class SDNetworkTrainer(NetworkTrainer):
 
     def validate_family_args(self, args) -> None:
         problems = []
+        if args.keep_attention_outputs:
+            problems.append("--keep_attention_outputs is for the DiT families; the SD UNet checkpoints with "
+                            "diffusers' own per-block checkpointing. Remove it")
         path = args.pretrained_model_name_or_path
         if not path:
             problems.append("--pretrained_model_name_or_path is required (an SD 1.x/2.x .safetensors file or a "

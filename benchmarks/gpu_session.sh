@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: everything that needs CUDA, logs to $OUT. Usage on the GPU machine:
-#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|graphs|graphs_launch|open_a|open_b|open_c|open_d|all]
+#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|graphs|graphs_launch|open_a|open_b|open_c|open_d|open_e|all]
 #     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 #     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
@@ -25,6 +25,8 @@
 #     open_c:   part 3: auto at 16 GiB with the 1.25x estimate, SD3.5 Large launch
 #     open_d:   the fused q/k norm + RoPE failure at full size (launches blocking), Lumina and SD 1.x
 #               recorded vs eager (GPU tests), Lumina 2 recorded, FLUX fp8 compiled + recorded, auto at 16 GiB
+#     open_e:   --keep_attention_outputs (GPU test; FLUX compiled + recorded, recorded, eager), fp8 recorded with
+#               the upcast kernel, fp8 compiled + recorded + kept attention, N = 16 under a 16 GiB cap
 set -uo pipefail
 WHAT=${1:-all}
 
@@ -109,6 +111,22 @@ if [ "$WHAT" = open_d ]; then
   echo "== FLUX.1-dev compiled + recorded, profiled (what is left in the step)"
   timeout 100 python3 benchmarks/bench_flux_train.py --device cuda --steps 12 --cuda_graph --compile --profile \
     --profile_tables "$OUT/prof_compile_graph.txt" 2>>"$OUT/err.log" | tail -1 | tee -a "$OUT/open.jsonl"
+  exit 0
+fi
+
+if [ "$WHAT" = open_e ]; then
+  echo "== GPU tests: kept attention outputs (cuDNN), the recorded fp8 upcast kernel"
+  timeout 90 python3 -m pytest -q -m gpu tests/test_block_checkpointing.py tests/test_fp8_gpu.py -p no:randomly 2>&1 \
+    | tail -4 | tee "$OUT/gpu_tests.log"
+  echo "== FLUX.1-dev with --keep_attention_outputs: compiled + recorded, recorded, eager; fp8 recorded (upcast kernel)"
+  for extra in "--cuda_graph --compile --keep_attention_outputs" "--cuda_graph --keep_attention_outputs" \
+               "--keep_attention_outputs" "--fp8_base --cuda_graph" "--fp8_base --cuda_graph --compile --keep_attention_outputs"; do
+    timeout 120 python3 benchmarks/bench_flux_train.py --device cuda --steps 15 $extra 2>>"$OUT/err.log" | tail -1 \
+      | tee -a "$OUT/open.jsonl"
+  done
+  echo "== 16 GiB cap: N = 16 (auto chose 19; 17 ran at 15.53 GiB)"
+  timeout 60 python3 benchmarks/bench_flux_train.py --device cuda --steps 4 --memory_cap_gib 16 --blocks_to_swap 16 \
+    2>>"$OUT/err.log" | tail -1 | tee -a "$OUT/auto_swap16.jsonl"
   exit 0
 fi
 

@@ -358,7 +358,8 @@ class NetworkTrainer:
         if args.full_bf16:
             network.to(torch.bfloat16)
         if args.gradient_checkpointing:
-            models.denoiser.enable_gradient_checkpointing(cpu_offload=memory.offloads_checkpoints(args))
+            keep = {"keep_attention": True} if getattr(args, "keep_attention_outputs", False) else {}
+            models.denoiser.enable_gradient_checkpointing(cpu_offload=memory.offloads_checkpoints(args), **keep)
 
         te_lr = args.text_encoder_lr
         params, _descriptions = network.prepare_optimizer_params(
