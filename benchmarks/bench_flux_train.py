@@ -30,7 +30,6 @@ from benchmarks.bench_common import (add_cuda_graph_argument, add_memory_argumen
                                      placement_fields, profile_steps, time_steps, timing_fields)
 from flux_train_network import FluxNetworkTrainer  # noqa: E402
 from library import attention  # noqa: E402
-from library.flux import layers as flux_layers  # noqa: E402
 from library.flux.model import VARIANTS  # noqa: E402
 from library.training import memory  # noqa: E402
 from library.tiny.flux import build_flux_model, tiny_flux_params  # noqa: E402
@@ -101,11 +100,8 @@ def main() -> None:
     ap.add_argument("--memory_cap_gib", type=float, default=None,
                     help="emulate a smaller card: cap this process's CUDA memory (set_per_process_memory_fraction) "
                          "before the DiT is placed")
-    ap.add_argument("--fused_qk_rope", action="store_true",
-                    help="prepare q, k, v with the fused Triton kernels (library/qk_norm_rope.py; an experiment)")
     add_cuda_graph_argument(ap)
     a = ap.parse_args()
-    flux_layers.FUSED_QK_ROPE = a.fused_qk_rope
 
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -181,7 +177,7 @@ def main() -> None:
     out = {
         "model": ("tiny-" if a.tiny else "") + ("chroma" if chroma else "flux1-dev"),
         "train_text_encoders": a.train_text_encoders, "device": device_name(device),
-        "size": a.size, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt, "compile": a.compile, "cuda_graph": a.cuda_graph, "keep_attention": a.keep_attention_outputs, "fused_qk_rope": a.fused_qk_rope,
+        "size": a.size, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt, "compile": a.compile, "cuda_graph": a.cuda_graph, "keep_attention": a.keep_attention_outputs,
         "attention": a.attention, "sdpa_kernels": a.sdpa_kernels, "memory_cap_gib": a.memory_cap_gib, "oom": False,
         "fp8_base": a.fp8_base, "cpu_offload_checkpointing": a.cpu_offload_checkpointing,
         "fp8": fp8_report, "fp8_matmul": a.fp8_matmul if a.fp8_base else None, **placement_fields(placement),

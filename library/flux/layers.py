@@ -11,7 +11,6 @@ precomputed modulation vectors (`own_modulation=False`).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -20,12 +19,6 @@ from torch import Tensor, nn
 
 from library.attention import attention
 from library.block_ops import gated_residual, modulated_layer_norm, rms_norm, rotate_pairs
-from library.qk_norm_rope import qk_norm_rope
-from library.qk_norm_rope import supported as qk_norm_rope_supported
-
-# Prepare q, k, v with the fused kernels of library/qk_norm_rope.py on CUDA. An experiment: off
-# until measured on a GPU (the FLUX step benchmark's --fused_qk_rope turns it on).
-FUSED_QK_ROPE = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,18 +119,6 @@ class SelfAttention(nn.Module):
         q, k = self.norm(q, k, v)
         return q, k, v
 
-    def fused_stream(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(the qkv projection, q norm scale, k norm scale): a stream for `qk_norm_rope`."""
-        return qkv, self.norm.query_norm.scale, self.norm.key_norm.scale
-
-
-def _fused_qk_rope(streams: list[tuple[Tensor, Tensor, Tensor]]) -> bool:
-    """Whether to prepare q, k, v with the fused kernels (library/qk_norm_rope.py; an experiment
-    behind FUSED_QK_ROPE until measured on a GPU)."""
-    if not FUSED_QK_ROPE or torch.compiler.is_compiling():   # first: compiled blocks trace nothing else here
-        return False
-    on_device = streams[0][0].is_cuda or os.environ.get("TRITON_INTERPRET") == "1"   # the interpreter: CPU tests
-    return on_device and all(qk_norm_rope_supported(qkv, scales) for qkv, *scales in streams)
 
 
 @dataclass
@@ -238,12 +219,8 @@ class DoubleStreamBlock(nn.Module):
         attns, qkvs = (self.txt_attn, self.img_attn), (self.txt_attn.qkv(txt_in), img_qkv)
         if not txt_first:
             attns, qkvs = attns[::-1], qkvs[::-1]
-        streams = [attn.fused_stream(qkv) for attn, qkv in zip(attns, qkvs)]
-        if _fused_qk_rope(streams):
-            q, k, v = qk_norm_rope(streams, pe, self.num_heads)
-        else:
-            q, k, v = (torch.cat(x, dim=2) for x in zip(*(attn.finish_qkv(qkv) for attn, qkv in zip(attns, qkvs))))
-            q, k = apply_rope(q, pe), apply_rope(k, pe)
+        q, k, v = (torch.cat(x, dim=2) for x in zip(*(attn.finish_qkv(qkv) for attn, qkv in zip(attns, qkvs))))
+        q, k = apply_rope(q, pe), apply_rope(k, pe)
         joint = rearrange(attention(q, k, v, attn_mask), "B H L D -> B L (H D)")
 
         n_txt = txt.shape[1]
@@ -285,13 +262,9 @@ class SingleStreamBlock(nn.Module):
             mod = vec
         qkv, mlp_in = torch.split(self.linear1(mod.norm_modulate(x, self.pre_norm)),
                                   [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
-        stream = [(qkv, self.norm.query_norm.scale, self.norm.key_norm.scale)]
-        if _fused_qk_rope(stream):
-            q, k, v = qk_norm_rope(stream, pe, self.num_heads)
-        else:
-            q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
-            q, k = self.norm(q, k, v)
-            q, k = apply_rope(q, pe), apply_rope(k, pe)
+        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = self.norm(q, k, v)
+        q, k = apply_rope(q, pe), apply_rope(k, pe)
         attn = rearrange(attention(q, k, v, attn_mask), "B H L D -> B L (H D)")
         return gated_residual(x, mod.gate, self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), dim=2)))
 
