@@ -302,7 +302,8 @@ class AnimaNetworkTrainer(FlowMatchingTrainer):
         return estimate_activation_bytes(batch=batch, tokens=(height // patch) * (width // patch),
                                          hidden=p.model_channels, mlp_hidden=int(p.model_channels * p.mlp_ratio),
                                          num_blocks=p.num_blocks, gradient_checkpointing=args.gradient_checkpointing,
-                                         kept_attention_outputs=2 * args.keep_attention_outputs)   # self + cross
+                                         # self- and cross-attention outputs
+                                         kept_attention_outputs=2 * getattr(args, "keep_attention_outputs", False))
 
     # ---- the forward --------------------------------------------------------------------------
     def denoise(self, args, models, noisy: NoisyInput, text: dict) -> torch.Tensor:

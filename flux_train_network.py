@@ -171,7 +171,7 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
                                          mlp_hidden=int(p.hidden_size * p.mlp_ratio),
                                          num_blocks=p.depth + p.depth_single_blocks,
                                          gradient_checkpointing=args.gradient_checkpointing,
-                                         kept_attention_outputs=int(args.keep_attention_outputs))
+                                         kept_attention_outputs=int(getattr(args, "keep_attention_outputs", False)))
 
     # ---- the forward --------------------------------------------------------------------------
     def denoise(self, args, models, noisy: NoisyInput, text: dict) -> torch.Tensor:

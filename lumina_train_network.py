@@ -174,7 +174,7 @@ class LuminaNetworkTrainer(FlowMatchingTrainer):
         return estimate_activation_bytes(batch=batch, tokens=tokens, hidden=p.dim, mlp_hidden=p.ffn_hidden_dim,
                                          num_blocks=p.n_layers + p.n_refiner_layers,
                                          gradient_checkpointing=args.gradient_checkpointing,
-                                         kept_attention_outputs=int(args.keep_attention_outputs))
+                                         kept_attention_outputs=int(getattr(args, "keep_attention_outputs", False)))
 
     def latent_encoder(self, args, models, device):
         if not hasattr(self, "_latent_encoder"):

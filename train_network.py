@@ -88,7 +88,7 @@ class SDNetworkTrainer(NetworkTrainer):
 
     def validate_family_args(self, args) -> None:
         problems = []
-        if args.keep_attention_outputs:
+        if getattr(args, "keep_attention_outputs", False):
             problems.append("--keep_attention_outputs is for the DiT families; the SD UNet checkpoints with "
                             "diffusers' own per-block checkpointing. Remove it")
         path = args.pretrained_model_name_or_path
