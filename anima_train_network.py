@@ -302,8 +302,8 @@ class AnimaNetworkTrainer(FlowMatchingTrainer):
         return estimate_activation_bytes(batch=batch, tokens=(height // patch) * (width // patch),
                                          hidden=p.model_channels, mlp_hidden=int(p.model_channels * p.mlp_ratio),
                                          num_blocks=p.num_blocks, gradient_checkpointing=args.gradient_checkpointing,
-                                         # self- and cross-attention outputs
-                                         kept_attention_outputs=2 * getattr(args, "keep_attention_outputs", False))
+                                         # under --selective_checkpointing: self- and cross-attention, MLP down
+                                         kept_outputs_per_block=3 * getattr(args, "selective_checkpointing", False))
 
     # ---- the forward --------------------------------------------------------------------------
     def denoise(self, args, models, noisy: NoisyInput, text: dict) -> torch.Tensor:

@@ -171,7 +171,8 @@ class FluxNetworkTrainer(FlowMatchingTrainer):
                                          mlp_hidden=int(p.hidden_size * p.mlp_ratio),
                                          num_blocks=p.depth + p.depth_single_blocks,
                                          gradient_checkpointing=args.gradient_checkpointing,
-                                         kept_attention_outputs=int(getattr(args, "keep_attention_outputs", False)))
+                                         # under --selective_checkpointing: joint attention, MLP down-projections
+                                         kept_outputs_per_block=2 * getattr(args, "selective_checkpointing", False))
 
     # ---- the forward --------------------------------------------------------------------------
     def denoise(self, args, models, noisy: NoisyInput, text: dict) -> torch.Tensor:

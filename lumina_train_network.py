@@ -174,7 +174,8 @@ class LuminaNetworkTrainer(FlowMatchingTrainer):
         return estimate_activation_bytes(batch=batch, tokens=tokens, hidden=p.dim, mlp_hidden=p.ffn_hidden_dim,
                                          num_blocks=p.n_layers + p.n_refiner_layers,
                                          gradient_checkpointing=args.gradient_checkpointing,
-                                         kept_attention_outputs=int(getattr(args, "keep_attention_outputs", False)))
+                                         # under --selective_checkpointing: attention, FFN w2
+                                         kept_outputs_per_block=2 * getattr(args, "selective_checkpointing", False))
 
     def latent_encoder(self, args, models, device):
         if not hasattr(self, "_latent_encoder"):

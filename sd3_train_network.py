@@ -186,7 +186,8 @@ class SD3NetworkTrainer(NetworkTrainer):
         tokens = (height // 16) * (width // 16) + 77 + args.t5xxl_max_token_length
         return estimate_activation_bytes(batch=batch, tokens=tokens, hidden=p.hidden_size, mlp_hidden=p.mlp_hidden_dim,
                                          num_blocks=p.depth, gradient_checkpointing=args.gradient_checkpointing,
-                                         kept_attention_outputs=int(getattr(args, "keep_attention_outputs", False)))
+                                         # under --selective_checkpointing: joint attention, MLP fc2
+                                         kept_outputs_per_block=2 * getattr(args, "selective_checkpointing", False))
 
     def latent_encoder(self, args, models, device):
         if not hasattr(self, "_latent_encoder"):

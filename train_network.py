@@ -88,8 +88,8 @@ class SDNetworkTrainer(NetworkTrainer):
 
     def validate_family_args(self, args) -> None:
         problems = []
-        if getattr(args, "keep_attention_outputs", False):
-            problems.append("--keep_attention_outputs is for the DiT families; the SD UNet checkpoints with "
+        if getattr(args, "selective_checkpointing", False):
+            problems.append("--selective_checkpointing is for the DiT families; the SD UNet checkpoints with "
                             "diffusers' own per-block checkpointing. Remove it")
         path = args.pretrained_model_name_or_path
         if not path:

@@ -90,7 +90,7 @@ def main() -> None:
     synchronize(device)
     build_s = time.perf_counter() - t0
     if not a.no_grad_ckpt:
-        dit.enable_gradient_checkpointing(keep_attention=a.keep_attention_outputs)
+        dit.enable_gradient_checkpointing(selective=a.selective_checkpointing)
 
     trainer = AnimaNetworkTrainer()
     args = trainer.build_parser().parse_args([
@@ -130,7 +130,7 @@ def main() -> None:
         "lora_modules": len(network.loras), "train_llm_adapter": a.train_llm_adapter,
         "device": device_name(device),
         "size": a.size, "text_len": a.text_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt,
-        "compile": a.compile, "cuda_graph": a.cuda_graph, "keep_attention": a.keep_attention_outputs, **placed, "fp8": fp8, "attn_mode": a.attn_mode, "split_attn": a.split_attn,
+        "compile": a.compile, "cuda_graph": a.cuda_graph, "selective_ckpt": a.selective_checkpointing, **placed, "fp8": fp8, "attn_mode": a.attn_mode, "split_attn": a.split_attn,
         **timing_fields(times, device, build_s=build_s, flops_per_step=flops, peak_tflops=a.peak_tflops),
     }))
 

@@ -62,8 +62,8 @@ def add_memory_arguments(ap: Any) -> None:
     ap.add_argument("--blocks_to_swap", type=memory.parse_blocks_to_swap, default=0,
                     help="block swap (N or auto), as the trainer places the denoiser")
     ap.add_argument("--fp8_base", action="store_true", help="fp8 block weights, as the trainer converts them")
-    ap.add_argument("--keep_attention_outputs", action="store_true",
-                    help="checkpointed blocks keep their attention outputs (the trainer's option)")
+    ap.add_argument("--selective_checkpointing", action="store_true",
+                    help="checkpointed blocks keep attention and MLP down-projection outputs (the trainer's option)")
 
 
 def fp8_base(a: Any, trainer: Any, models: Any, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -90,7 +90,7 @@ def place_with_swap(a: Any, trainer: Any, args: Any, models: Any, network: Any, 
         torch.cuda.set_per_process_memory_fraction(memory_cap_gib * 2**30 / total, index)
     lists = trainer.block_lists(models)
     args.gradient_checkpointing = not a.no_grad_ckpt
-    args.keep_attention_outputs = a.keep_attention_outputs   # counted by auto's activation estimate
+    args.selective_checkpointing = a.selective_checkpointing   # counted by auto's activation estimate
     placement = memory.place_denoiser(
         models.denoiser, lists, device, a.blocks_to_swap, model_name=trainer.model_name(models),
         auto_fixed_bytes=lambda: memory.bytes_outside_blocks(models.denoiser, lists, network.get_trainable_params()),

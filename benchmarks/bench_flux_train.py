@@ -116,7 +116,7 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     if not a.no_grad_ckpt:
         dit.enable_gradient_checkpointing(cpu_offload=a.cpu_offload_checkpointing,
-                                          keep_attention=a.keep_attention_outputs)
+                                          selective=a.selective_checkpointing)
     trainer = FluxNetworkTrainer()
     args = trainer.build_parser().parse_args([
         "--timestep_sampling", "shift", "--discrete_flow_shift", "3.1582", "--model_prediction_type", "raw",
@@ -177,7 +177,7 @@ def main() -> None:
     out = {
         "model": ("tiny-" if a.tiny else "") + ("chroma" if chroma else "flux1-dev"),
         "train_text_encoders": a.train_text_encoders, "device": device_name(device),
-        "size": a.size, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt, "compile": a.compile, "cuda_graph": a.cuda_graph, "keep_attention": a.keep_attention_outputs,
+        "size": a.size, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt, "compile": a.compile, "cuda_graph": a.cuda_graph, "selective_ckpt": a.selective_checkpointing,
         "attention": a.attention, "sdpa_kernels": a.sdpa_kernels, "memory_cap_gib": a.memory_cap_gib, "oom": False,
         "fp8_base": a.fp8_base, "cpu_offload_checkpointing": a.cpu_offload_checkpointing,
         "fp8": fp8_report, "fp8_matmul": a.fp8_matmul if a.fp8_base else None, **placement_fields(placement),

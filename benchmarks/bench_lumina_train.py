@@ -89,7 +89,7 @@ def main() -> None:
     dit.requires_grad_(False)
     build_s = time.perf_counter() - t0
     if not a.no_grad_ckpt:
-        dit.enable_gradient_checkpointing(keep_attention=a.keep_attention_outputs)
+        dit.enable_gradient_checkpointing(selective=a.selective_checkpointing)
 
     trainer = LuminaNetworkTrainer()
     args = trainer.build_parser().parse_args([
@@ -124,7 +124,7 @@ def main() -> None:
         "device": device_name(device), "dit_params_b": billions_of_parameters(dit),
         "attention": "flash" if a.use_flash_attn else "sdpa", "size": a.size, "batch": a.batch,
         "cap_len": a.cap_len, "cap_tokens": a.cap_tokens, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt,
-        "compile": a.compile, "cuda_graph": a.cuda_graph, "keep_attention": a.keep_attention_outputs, **placed, "fp8": fp8, "lora_modules": len(network.loras),
+        "compile": a.compile, "cuda_graph": a.cuda_graph, "selective_ckpt": a.selective_checkpointing, **placed, "fp8": fp8, "lora_modules": len(network.loras),
         **timing_fields(times, device, build_s=build_s, flops_per_step=flops, peak_tflops=a.peak_tflops,
                         tflop_digits=4),
     }

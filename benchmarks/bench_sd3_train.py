@@ -79,7 +79,7 @@ def main() -> None:
     mmdit.requires_grad_(False)
     build_s = time.perf_counter() - t0
     if not a.no_grad_ckpt:
-        mmdit.enable_gradient_checkpointing(keep_attention=a.keep_attention_outputs)
+        mmdit.enable_gradient_checkpointing(selective=a.selective_checkpointing)
 
     trainer = SD3NetworkTrainer()
     args = trainer.build_parser().parse_args([
@@ -116,7 +116,7 @@ def main() -> None:
         "model": ("tiny-" if a.tiny else "") + VARIANTS[a.variant].label.replace(" ", "-").lower(),
         "device": device_name(device),
         "size": a.size, "batch": b, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt,
-        "compile": a.compile, "cuda_graph": a.cuda_graph, "keep_attention": a.keep_attention_outputs, **placed, "fp8": fp8, "weighting_scheme": a.weighting_scheme, "dit_params_b": billions_of_parameters(mmdit),
+        "compile": a.compile, "cuda_graph": a.cuda_graph, "selective_ckpt": a.selective_checkpointing, **placed, "fp8": fp8, "weighting_scheme": a.weighting_scheme, "dit_params_b": billions_of_parameters(mmdit),
         "lora_modules": len(network.loras), "last_loss": round(float(last_loss), 4),
         **timing_fields(times, device, build_s=build_s, flops_per_step=flops, peak_tflops=a.peak_tflops),
     }

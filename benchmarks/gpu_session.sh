@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: everything that needs CUDA, logs to $OUT. Usage on the GPU machine:
-#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|graphs|graphs_launch|open_a|open_b|open_c|open_d|open_e|all]
+#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|graphs|graphs_launch|open_a|open_b|open_c|open_d|open_e|open_f|all]
 #     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 #     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
@@ -23,8 +23,9 @@
 #     open_b:   part 2: the other families with block swap and fp8 (eager)
 #     open_c:   part 3: auto at 16 GiB with the 1.25x estimate, SD3.5 Large launch
 #     open_d:   Lumina and SD 1.x recorded vs eager (GPU tests), Lumina 2 recorded, FLUX fp8 compiled + recorded, auto at 16 GiB
-#     open_e:   --keep_attention_outputs (GPU test; FLUX compiled + recorded, recorded, eager), fp8 recorded with
+#     open_e:   --selective_checkpointing (GPU test; FLUX compiled + recorded, recorded, eager), fp8 recorded with
 #               the upcast kernel, fp8 compiled + recorded + kept attention, N = 16 under a 16 GiB cap
+#     open_f:   --selective_checkpointing (attention + MLP down-projections): GPU test, FLUX compiled + recorded
 set -uo pipefail
 WHAT=${1:-all}
 
@@ -110,15 +111,26 @@ if [ "$WHAT" = open_e ]; then
   echo "== GPU tests: kept attention outputs (cuDNN), the recorded fp8 upcast kernel"
   timeout 90 python3 -m pytest -q -m gpu tests/test_block_checkpointing.py tests/test_fp8_gpu.py -p no:randomly 2>&1 \
     | tail -4 | tee "$OUT/gpu_tests.log"
-  echo "== FLUX.1-dev with --keep_attention_outputs: compiled + recorded, recorded, eager; fp8 recorded (upcast kernel)"
-  for extra in "--cuda_graph --compile --keep_attention_outputs" "--cuda_graph --keep_attention_outputs" \
-               "--keep_attention_outputs" "--fp8_base --cuda_graph" "--fp8_base --cuda_graph --compile --keep_attention_outputs"; do
+  echo "== FLUX.1-dev with --selective_checkpointing: compiled + recorded, recorded, eager; fp8 recorded (upcast kernel)"
+  for extra in "--cuda_graph --compile --selective_checkpointing" "--cuda_graph --selective_checkpointing" \
+               "--selective_checkpointing" "--fp8_base --cuda_graph" "--fp8_base --cuda_graph --compile --selective_checkpointing"; do
     timeout 120 python3 benchmarks/bench_flux_train.py --device cuda --steps 15 $extra 2>>"$OUT/err.log" | tail -1 \
       | tee -a "$OUT/open.jsonl"
   done
   echo "== 16 GiB cap: N = 16 (auto chose 19; 17 ran at 15.53 GiB)"
   timeout 60 python3 benchmarks/bench_flux_train.py --device cuda --steps 4 --memory_cap_gib 16 --blocks_to_swap 16 \
     2>>"$OUT/err.log" | tail -1 | tee -a "$OUT/auto_swap16.jsonl"
+  exit 0
+fi
+
+if [ "$WHAT" = open_f ]; then
+  echo "== GPU tests: selective checkpointing on CUDA"
+  timeout 40 python3 -m pytest -q -m gpu tests/test_block_checkpointing.py -p no:randomly 2>&1 | tail -3
+  echo "== FLUX.1-dev --selective_checkpointing: compiled (with the checkpoint) + recorded, then recorded"
+  for extra in "--cuda_graph --compile --selective_checkpointing" "--cuda_graph --selective_checkpointing"; do
+    timeout 110 python3 benchmarks/bench_flux_train.py --device cuda --steps 12 $extra 2>>"$OUT/err.log" | tail -1 \
+      | tee -a "$OUT/open.jsonl"
+  done
   exit 0
 fi
 

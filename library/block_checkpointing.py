@@ -5,27 +5,35 @@ Two ways to keep a block's input for backward:
 - on the GPU (`--gradient_checkpointing`): torch's non-reentrant checkpoint;
 - in pinned CPU memory (`--cpu_offload_checkpointing`, Anima's `--unsloth_offload_checkpointing`):
   `library.offload_checkpointing.OffloadedCheckpoint`, copies overlapped with compute.
+On the GPU, `--selective_checkpointing` also keeps the outputs that cost the most to recompute
+per byte kept (attention, MLP down-projections); with --torch_compile the checkpoint is compiled
+together with the block, so that the compiler applies that choice.
 The mechanism lives here once; a model only inherits the mixin and calls `self.run_block`.
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from library.fp8 import keeping_upcast_weights
 from library.offload_checkpointing import OffloadedCheckpoint
 
-# The attention kernels' ops (PyTorch SDPA's backends) whose outputs a checkpointed block keeps
-# with --keep_attention_outputs, so its recomputation skips them.
+# What selective checkpointing (--selective_checkpointing) keeps from a block's first forward for
+# its recomputation: the attention kernels' outputs (PyTorch SDPA's backends), and the outputs of
+# matmuls that reduce the width at least twofold (MLP down-projections such as FLUX's linear2,
+# 15360 -> 3072: a large share of a block's FLOPs, one hidden-wide tensor to keep).
 ATTENTION_OPS = frozenset(
     getattr(torch.ops.aten, name).default for name in (
         "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
     if hasattr(torch.ops.aten, name))
+_ADDMM, _MM = torch.ops.aten.addmm.default, torch.ops.aten.mm.default
 
 
 def _contexts():
@@ -36,8 +44,18 @@ def _contexts():
     return keeping_upcast_weights(), keeping_upcast_weights()
 
 
-def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Which ops' outputs a checkpointed block keeps (see ATTENTION_OPS above)."""
+    if op in ATTENTION_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    if op is _ADDMM or op is _MM:
+        x, w = args[1:3] if op is _ADDMM else args[:2]
+        if x.shape[-1] >= 2 * w.shape[-1]:
+            return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_selective_contexts_fn = functools.partial(create_selective_checkpoint_contexts, selective_policy)
 
 
 @contextmanager
@@ -48,12 +66,24 @@ def _joined(*contexts):
         yield
 
 
-def _contexts_keeping_attention():
-    """As `_contexts`, and the attention's outputs are kept from the first forward for the
-    recomputation (torch's selective checkpointing): attention is about a quarter of a DiT
-    step at 1024x1024, and its output one hidden-wide tensor per block."""
-    first, recompute = create_selective_checkpoint_contexts(_keep_attention)
+def _selective_contexts():
+    """As `_contexts`, and the kept outputs come from the first forward (torch's selective
+    checkpointing: a dispatch mode that watches every op from Python)."""
+    first, recompute = _selective_contexts_fn()
     return _joined(keeping_upcast_weights(), first), _joined(keeping_upcast_weights(), recompute)
+
+
+def _selective_checkpoint(block: nn.Module, *args, **kwargs):
+    return checkpoint(block, *args, use_reentrant=False, context_fn=_selective_contexts_fn, **kwargs)
+
+
+@functools.cache
+def _compiled_selective_checkpoint(backend: str):
+    """The checkpoint itself compiled with the block (--torch_compile): the policy is applied when
+    the graph is traced (a compiled block's matmuls never reach a dispatch mode) and the
+    recomputation becomes part of the compiled backward. One function for every block: blocks of
+    one kind share their compiled graphs."""
+    return torch.compile(_selective_checkpoint, backend=backend)
 
 
 class BlockCheckpointing:
@@ -61,18 +91,18 @@ class BlockCheckpointing:
 
     gradient_checkpointing: bool = False
     _offloaded_checkpoint: OffloadedCheckpoint | None = None
-    _checkpoint_contexts = staticmethod(_contexts)
+    _selective: bool = False
 
-    def enable_gradient_checkpointing(self, cpu_offload: bool = False, keep_attention: bool = False) -> None:
+    def enable_gradient_checkpointing(self, cpu_offload: bool = False, selective: bool = False) -> None:
         """Checkpoint every block; with `cpu_offload` its saved input waits in CPU memory; with
-        `keep_attention` its attention outputs are kept too (--keep_attention_outputs: the
-        recomputation before its backward skips the attention kernels)."""
-        if cpu_offload and keep_attention:
-            raise ValueError("offloaded checkpoints keep only the block inputs; keep_attention needs the "
+        `selective` its attention and MLP down-projection outputs are kept too
+        (--selective_checkpointing: the recomputation before its backward skips those kernels)."""
+        if cpu_offload and selective:
+            raise ValueError("offloaded checkpoints keep only the block inputs; selective checkpointing needs the "
                              "GPU-side checkpoint")
         self.gradient_checkpointing = True
         self._offloaded_checkpoint = OffloadedCheckpoint() if cpu_offload else None
-        self._checkpoint_contexts = _contexts_keeping_attention if keep_attention else _contexts
+        self._selective = selective
 
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
@@ -82,5 +112,10 @@ class BlockCheckpointing:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             if self._offloaded_checkpoint is not None:
                 return self._offloaded_checkpoint(block, *args, **kwargs)
-            return checkpoint(block, *args, use_reentrant=False, context_fn=self._checkpoint_contexts, **kwargs)
+            if not self._selective:
+                return checkpoint(block, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
+            if isinstance(block, OptimizedModule):   # --torch_compile (library/training/trainer.py compile_blocks)
+                backend = getattr(block, "compile_backend", "inductor")
+                return _compiled_selective_checkpoint(backend)(block._orig_mod, *args, **kwargs)
+            return checkpoint(block, *args, use_reentrant=False, context_fn=_selective_contexts, **kwargs)
         return block(*args, **kwargs)

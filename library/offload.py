@@ -185,7 +185,7 @@ RECOMPUTE_WORKING_SETS = 1.25
 
 def estimate_activation_bytes(*, batch: int, tokens: int, hidden: int, mlp_hidden: int, num_blocks: int,
                               dtype_bytes: int = 2, gradient_checkpointing: bool = True,
-                              streams_per_block: float = 1.0, kept_attention_outputs: int = 0) -> int:
+                              streams_per_block: float = 1.0, kept_outputs_per_block: int = 0) -> int:
     """Activation memory of one training step of a DiT, from its dimensions.
 
     A transformer block keeps about 12 hidden-wide and 2 mlp-wide tensors per token for its
@@ -196,13 +196,13 @@ def estimate_activation_bytes(*, batch: int, tokens: int, hidden: int, mlp_hidde
     2.03 GiB measured at 1024x1024 under 16 GiB caps with 18, 19 and 20 blocks swapped, against
     2.56 GiB when this counted the working set twice; RECOMPUTE_WORKING_SETS = 1.25 gives 2.16).
     `streams_per_block` > 1 for blocks whose input is several token-wide tensors;
-    `kept_attention_outputs`: hidden-wide attention outputs each block keeps beside its input
-    (--keep_attention_outputs: 1 per attention, e.g. 2 for self- plus cross-attention)."""
+    `kept_outputs_per_block`: hidden-wide tensors each block keeps beside its input under
+    --selective_checkpointing (one per attention and one per MLP down-projection)."""
     tok = batch * tokens * dtype_bytes
     per_block = tok * (12 * hidden + 2 * mlp_hidden)
     if not gradient_checkpointing:
         return num_blocks * per_block
-    inputs = num_blocks * tok * hidden * (streams_per_block + kept_attention_outputs)
+    inputs = num_blocks * tok * hidden * (streams_per_block + kept_outputs_per_block)
     return int(inputs + RECOMPUTE_WORKING_SETS * per_block)
 
 

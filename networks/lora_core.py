@@ -27,6 +27,7 @@ from typing import Collection, Iterator, Mapping, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from library.errors import ConfigError, ModelFileError
 from library.safetensors_io import load_file, serialize, write_bytes_atomic
@@ -373,8 +374,10 @@ class LoRAModule(nn.Module):
             # In place only where autograd allows it: the base output must not be a view (a
             # custom Function's output may be) and nothing may have saved it for its backward.
             w, lx2d = self.lora_up.weight.to(lx.dtype), lx.reshape(-1, lx.shape[-1])
-            # (compiled code does its own in-place planning: the out-of-place form keeps it one graph)
-            if torch.compiler.is_compiling() or base_out._is_view() or not base_out.is_contiguous():
+            # (compiled code does its own in-place planning: the out-of-place form keeps it one graph;
+            # under a dispatch mode - selective checkpointing - the base output may be kept by it)
+            if (torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or base_out._is_view()
+                    or not base_out.is_contiguous()):
                 out = torch.addmm(base_out, lx2d, w.t(), alpha=factor).view(out.shape)
             else:
                 out = base_out.addmm_(lx2d, w.t(), alpha=factor).view(out.shape)

@@ -1,6 +1,6 @@
 """End to end through flux_train_network.py: the shared memory options on the CPU.
 
-Block swap, offloaded checkpointing and kept attention outputs move the same numbers around, so a run with them must
+Block swap, offloaded and selective checkpointing move the same numbers around, so a run with them must
 give exactly the losses of a run without; fp8 base weights change the numbers (that is the
 point) but must train; impossible combinations are refused before anything loads."""
 
@@ -39,7 +39,7 @@ def baseline(setup, deep_dit, tmp_path_factory):  # noqa: F811
     (("--blocks_to_swap", "2"), "block swap: 2 (1 of 4, 2 of 4 blocks per list)"),
     (("--split_mode",), "--split_mode is deprecated"),
     (("--cpu_offload_checkpointing",), None),
-    (("--keep_attention_outputs", "--blocks_to_swap", "2"), None),   # kept attention: the same numbers
+    (("--selective_checkpointing", "--blocks_to_swap", "2"), "makes each step slower"),   # the same numbers
 ])
 def test_swap_and_offloaded_checkpoints_give_the_same_losses(setup, deep_dit, baseline, tmp_path, extra, note):  # noqa: F811
     if extra == ("--split_mode",):
@@ -81,7 +81,7 @@ def test_fp8_base_trains_and_saves_a_normal_lora(setup, deep_dit, baseline, tmp_
     (("--blocks_to_swap", "two"), "--blocks_to_swap takes a number of blocks or 'auto'"),
     (("--double_blocks_to_swap", "2", "--blocks_to_swap", "5"), "conflicts with --blocks_to_swap 5"),
     (("--fp8_base",), "--fp8_base computes in the mixed-precision dtype"),
-    (("--keep_attention_outputs",), "Add --gradient_checkpointing or remove it"),
+    (("--selective_checkpointing",), "Add --gradient_checkpointing or remove it"),
 ])
 def test_impossible_memory_options_are_refused(setup, tmp_path, extra, message):  # noqa: F811
     r = train(setup, tmp_path / "bad", "--max_train_steps", "1", *extra)

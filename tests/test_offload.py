@@ -205,9 +205,9 @@ def test_activation_estimate_numbers():
     # measured on an H200 (docs/benchmarks.md): 2.03 GiB; the estimate stays above it
     assert 2.03 * GiB < ckpt < 2.2 * GiB
     assert estimate_activation_bytes(**(kw | dict(batch=2))) == 2 * ckpt
-    # --keep_attention_outputs: one more hidden-wide tensor per block (1.5 GiB for FLUX)
-    kept = estimate_activation_bytes(**kw, kept_attention_outputs=1) - ckpt
-    assert kept == 57 * 4608 * 2 * 3072 and 1.4 * GiB < kept < 1.6 * GiB
+    # --selective_checkpointing: FLUX keeps two more hidden-wide tensors per block (3 GiB)
+    kept = estimate_activation_bytes(**kw, kept_outputs_per_block=2) - ckpt
+    assert kept == 2 * 57 * 4608 * 2 * 3072 and 2.9 * GiB < kept < 3.1 * GiB
 
 
 def test_swappable_bytes_of_a_block_list():

@@ -98,14 +98,14 @@ def test_option_checks_and_implied_options():
         memory.check_memory_args(base_args(blocks_to_swap=4, unsloth_offload_checkpointing=True))
     with pytest.raises(ConfigError, match="computes in the mixed-precision dtype"):
         memory.check_memory_args(base_args(fp8_base=True, mixed_precision="no"))
-    assert memory.check_memory_args(base_args(keep_attention_outputs=True, gradient_checkpointing=True,
+    assert memory.check_memory_args(base_args(selective_checkpointing=True, gradient_checkpointing=True,
                                               torch_compile=True)) == []
-    (note,) = memory.check_memory_args(base_args(keep_attention_outputs=True, gradient_checkpointing=True))
+    (note,) = memory.check_memory_args(base_args(selective_checkpointing=True, gradient_checkpointing=True))
     assert "makes each step slower" in note
     with pytest.raises(ConfigError, match="Add --gradient_checkpointing or remove it"):
-        memory.check_memory_args(base_args(keep_attention_outputs=True))
+        memory.check_memory_args(base_args(selective_checkpointing=True))
     with pytest.raises(ConfigError, match="offloaded checkpointing keeps only block inputs"):
-        memory.check_memory_args(base_args(keep_attention_outputs=True, cpu_offload_checkpointing=True,
+        memory.check_memory_args(base_args(selective_checkpointing=True, cpu_offload_checkpointing=True,
                                            gradient_checkpointing=True))
 
 

@@ -48,12 +48,11 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
                         "implies --gradient_checkpointing. Not with --blocks_to_swap.")
     g.add_argument("--unsloth_offload_checkpointing", action="store_true",
                    help="the same as --cpu_offload_checkpointing (asynchronous copies), under Anima's name")
-    g.add_argument("--keep_attention_outputs", action="store_true",
-                   help="with --gradient_checkpointing, also keep each block's attention output, so the "
-                        "recomputation before its backward skips the attention (FLUX.1-dev at 1024x1024 with "
-                        "--torch_compile --cuda_graph: 0.49 instead of 0.51 s/step). Only with --torch_compile or "
-                        "--cuda_graph: it watches every op of a block from Python, which makes a plain eager step "
-                        "slower (1.05 instead of 0.76 s)")
+    g.add_argument("--selective_checkpointing", action="store_true",
+                   help="with --gradient_checkpointing, also keep each block's attention and MLP down-projection "
+                        "outputs, so the recomputation before its backward skips those kernels (FLUX.1-dev at "
+                        "1024x1024: about 3 GiB more). With --torch_compile and/or --cuda_graph: it watches every "
+                        "op of a block from Python, which makes a plain eager step slower")
     g.add_argument("--highvram", action="store_true",
                    help="keep the autoencoder and text encoders on the GPU after caching (faster sampling, "
                         "more VRAM); without it, text encoders whose outputs are cached are released")
@@ -81,17 +80,18 @@ def check_memory_args(args: argparse.Namespace) -> list[str]:
     if args.fp8_base_unet and not args.fp8_base:
         args.fp8_base = True
         notes.append("--fp8_base_unet implies --fp8_base (the diffusion model in fp8, text encoders in full precision)")
-    if getattr(args, "keep_attention_outputs", False):
+    if getattr(args, "selective_checkpointing", False):
         if args.cpu_offload_checkpointing or args.unsloth_offload_checkpointing:
-            raise ConfigError("--keep_attention_outputs keeps attention outputs beside GPU-side checkpoints; offloaded "
+            raise ConfigError("--selective_checkpointing keeps some outputs beside GPU-side checkpoints; offloaded "
                               "checkpointing keeps only block inputs, in CPU memory. Keep one of them.")
         if not args.gradient_checkpointing:
-            raise ConfigError("--keep_attention_outputs changes what --gradient_checkpointing keeps; without "
+            raise ConfigError("--selective_checkpointing changes what --gradient_checkpointing keeps; without "
                               "checkpointing every activation is kept anyway. Add --gradient_checkpointing or remove it.")
         if not (getattr(args, "torch_compile", False) or getattr(args, "cuda_graph", False)):
-            notes.append("--keep_attention_outputs without --torch_compile or --cuda_graph makes each step slower, "
-                         "not faster: it watches every op of a block from Python (FLUX.1-dev on an H200: 1.05 "
-                         "instead of 0.76 s/step). Add --cuda_graph and/or --torch_compile, or remove it")
+            notes.append("--selective_checkpointing without --torch_compile or --cuda_graph makes each step slower, "
+                         "not faster: it watches every op of a block from Python (FLUX.1-dev on an H200, attention "
+                         "outputs kept: 1.05 instead of 0.76 s/step). Add --cuda_graph and/or --torch_compile, or "
+                         "remove it")
     if (args.cpu_offload_checkpointing or args.unsloth_offload_checkpointing) and not args.gradient_checkpointing:
         args.gradient_checkpointing = True
         notes.append("offloaded checkpointing implies --gradient_checkpointing: enabled")

@@ -358,8 +358,8 @@ class NetworkTrainer:
         if args.full_bf16:
             network.to(torch.bfloat16)
         if args.gradient_checkpointing:
-            keep = {"keep_attention": True} if getattr(args, "keep_attention_outputs", False) else {}
-            models.denoiser.enable_gradient_checkpointing(cpu_offload=memory.offloads_checkpoints(args), **keep)
+            selective = {"selective": True} if getattr(args, "selective_checkpointing", False) else {}
+            models.denoiser.enable_gradient_checkpointing(cpu_offload=memory.offloads_checkpoints(args), **selective)
 
         te_lr = args.text_encoder_lr
         params, _descriptions = network.prepare_optimizer_params(
@@ -887,6 +887,7 @@ def compile_blocks(block_lists: list[torch.nn.ModuleList], backend: str) -> None
     for blocks in block_lists:
         for i, block in enumerate(blocks):
             blocks[i] = torch.compile(block, backend=backend)
+            blocks[i].compile_backend = backend   # --selective_checkpointing compiles the checkpoint with it
 
 
 def set_seed(seed: int) -> None:
