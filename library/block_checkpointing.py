@@ -6,8 +6,9 @@ Two ways to keep a block's input for backward:
 - in pinned CPU memory (`--cpu_offload_checkpointing`, Anima's `--unsloth_offload_checkpointing`):
   `library.offload_checkpointing.OffloadedCheckpoint`, copies overlapped with compute.
 On the GPU, `--selective_checkpointing` also keeps the outputs that cost the most to recompute
-per byte kept (attention, MLP down-projections); with --torch_compile the checkpoint is compiled
-together with the block, so that the compiler applies that choice.
+per byte kept (attention, MLP down-projections). It works through a dispatch mode that sees each
+op from Python: a compiled block (--torch_compile) shows it only the ops the compiled code calls
+through PyTorch (attention), not its matmuls, so there the attention outputs alone are kept.
 The mechanism lives here once; a model only inherits the mixin and calls `self.run_block`.
 """
 
@@ -18,7 +19,6 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
-from torch._dynamo.eval_frame import OptimizedModule
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from library.fp8 import keeping_upcast_weights
@@ -73,19 +73,6 @@ def _selective_contexts():
     return _joined(keeping_upcast_weights(), first), _joined(keeping_upcast_weights(), recompute)
 
 
-def _selective_checkpoint(block: nn.Module, *args, **kwargs):
-    return checkpoint(block, *args, use_reentrant=False, context_fn=_selective_contexts_fn, **kwargs)
-
-
-@functools.cache
-def _compiled_selective_checkpoint(backend: str):
-    """The checkpoint itself compiled with the block (--torch_compile): the policy is applied when
-    the graph is traced (a compiled block's matmuls never reach a dispatch mode) and the
-    recomputation becomes part of the compiled backward. One function for every block: blocks of
-    one kind share their compiled graphs."""
-    return torch.compile(_selective_checkpoint, backend=backend)
-
-
 class BlockCheckpointing:
     """Mixin for nn.Module DiTs: `self.run_block(block, *args)` in their forward."""
 
@@ -112,10 +99,6 @@ class BlockCheckpointing:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             if self._offloaded_checkpoint is not None:
                 return self._offloaded_checkpoint(block, *args, **kwargs)
-            if not self._selective:
-                return checkpoint(block, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
-            if isinstance(block, OptimizedModule):   # --torch_compile (library/training/trainer.py compile_blocks)
-                backend = getattr(block, "compile_backend", "inductor")
-                return _compiled_selective_checkpoint(backend)(block._orig_mod, *args, **kwargs)
-            return checkpoint(block, *args, use_reentrant=False, context_fn=_selective_contexts, **kwargs)
+            contexts = _selective_contexts if self._selective else _contexts
+            return checkpoint(block, *args, use_reentrant=False, context_fn=contexts, **kwargs)
         return block(*args, **kwargs)

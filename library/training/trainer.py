@@ -887,7 +887,6 @@ def compile_blocks(block_lists: list[torch.nn.ModuleList], backend: str) -> None
     for blocks in block_lists:
         for i, block in enumerate(blocks):
             blocks[i] = torch.compile(block, backend=backend)
-            blocks[i].compile_backend = backend   # --selective_checkpointing compiles the checkpoint with it
 
 
 def set_seed(seed: int) -> None:
