@@ -34,7 +34,7 @@ from library.flux.model import VARIANTS  # noqa: E402
 from library.training import memory  # noqa: E402
 from library.tiny.flux import build_flux_model, tiny_flux_params  # noqa: E402
 from library.training.trainer import FamilyModels, compile_blocks  # noqa: E402
-from networks import lora_flux  # noqa: E402
+from networks import lora_core, lora_flux  # noqa: E402
 
 
 def useful_flops(params, img_tokens: int, txt_tokens: int) -> float:
@@ -100,8 +100,11 @@ def main() -> None:
     ap.add_argument("--memory_cap_gib", type=float, default=None,
                     help="emulate a smaller card: cap this process's CUDA memory (set_per_process_memory_fraction) "
                          "before the DiT is placed")
+    ap.add_argument("--lora_compiled_add", choices=("addmm", "pointwise"), default="addmm",
+                    help="with --compile: how the LoRA's up-projection joins the base output (networks/lora_core.py)")
     add_cuda_graph_argument(ap)
     a = ap.parse_args()
+    lora_core.COMPILED_ADD = a.lora_compiled_add
 
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

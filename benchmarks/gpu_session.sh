@@ -25,7 +25,8 @@
 #     open_d:   Lumina and SD 1.x recorded vs eager (GPU tests), Lumina 2 recorded, FLUX fp8 compiled + recorded, auto at 16 GiB
 #     open_e:   --selective_checkpointing (GPU test; FLUX compiled + recorded, recorded, eager), fp8 recorded with
 #               the upcast kernel, fp8 compiled + recorded + kept attention, N = 16 under a 16 GiB cap
-#     open_f:   --selective_checkpointing (attention + MLP down-projections): GPU test, FLUX compiled + recorded
+#     open_f:   --selective_checkpointing (attention + MLP down-projections): GPU test, FLUX compiled + recorded,
+#               recorded; the compiled LoRA add as a fused pointwise sum (networks/lora_core.py COMPILED_ADD)
 set -uo pipefail
 WHAT=${1:-all}
 
@@ -126,8 +127,10 @@ fi
 if [ "$WHAT" = open_f ]; then
   echo "== GPU tests: selective checkpointing on CUDA"
   timeout 40 python3 -m pytest -q -m gpu tests/test_block_checkpointing.py -p no:randomly 2>&1 | tail -3
-  echo "== FLUX.1-dev --selective_checkpointing: compiled (with the checkpoint) + recorded, then recorded"
-  for extra in "--cuda_graph --compile --selective_checkpointing" "--cuda_graph --selective_checkpointing"; do
+  echo "== FLUX.1-dev --selective_checkpointing compiled + recorded, recorded; the compiled LoRA add as pointwise"
+  for extra in "--cuda_graph --compile --selective_checkpointing" "--cuda_graph --selective_checkpointing" \
+               "--cuda_graph --compile --lora_compiled_add pointwise" \
+               "--cuda_graph --compile --selective_checkpointing --lora_compiled_add pointwise"; do
     timeout 110 python3 benchmarks/bench_flux_train.py --device cuda --steps 12 $extra 2>>"$OUT/err.log" | tail -1 \
       | tee -a "$OUT/open.jsonl"
   done

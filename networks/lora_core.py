@@ -37,6 +37,13 @@ logger = logging.getLogger(__name__)
 
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 
+# How the up-projection joins the base output in compiled code (--torch_compile): "addmm", one
+# GEMM with the base output as its C input (Inductor then copies C into a new buffer first: about
+# 12.7 ms of device copies per compiled FLUX step on an H200), or "pointwise", a GEMM of its own
+# whose sum with the base output Inductor fuses into the next elementwise kernel (no copy). An
+# experiment until measured on a GPU: the FLUX step benchmark's --lora_compiled_add.
+COMPILED_ADD = "addmm"
+
 
 # ----------------------------------------------------------------------------------------
 # Targets: which layers get a LoRA (computed by the family module)
@@ -367,7 +374,8 @@ class LoRAModule(nn.Module):
             lx = lx * keep.to(lx.dtype)
             scale = scale / (1.0 - self.rank_dropout)  # keep the expected output unchanged
         factor = self.multiplier * scale
-        if fused_add and lx.dtype == out.dtype:
+        pointwise = COMPILED_ADD == "pointwise" and torch.compiler.is_compiling()
+        if fused_add and lx.dtype == out.dtype and not pointwise:
             # out += factor * (lx @ up^T) as one GEMM adding into the layer's output in its
             # epilogue: no elementwise pass over the output, and in place, so no copy of it either
             # (an out-of-place addmm copies its input first: 648 device copies per FLUX step).

@@ -521,3 +521,30 @@ def test_flux_blocks_with_lora_compile_as_one_graph():
         args, kwargs = seen[block]
         report = dynamo.explain(block)(*args, **kwargs)
         assert (report.graph_count, report.graph_break_count) == (1, 0), [str(r.reason) for r in report.break_reasons]
+
+
+@pytest.mark.slow
+def test_compiled_lora_add_pointwise_matches_addmm_and_calls_no_addmm(monkeypatch):
+    # networks/lora_core.py COMPILED_ADD (an experiment until measured on a GPU): "pointwise" adds
+    # the up-projection as its own small GEMM plus an elementwise sum that Inductor fuses; the
+    # "addmm" form is one GEMM with the base output as C, which Inductor copies first.
+    import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
+
+    from networks import lora_core
+    from tests.test_offload import flux_inputs, tiny_flux_with_lora
+
+    params, model, net = tiny_flux_with_lora(depth=1, single=1)
+    block, seen = model.single_blocks[0], {}
+    block.register_forward_pre_hook(lambda m, a, k: seen.setdefault(m, (a, k)) and None, with_kwargs=True)
+    model(**flux_inputs(params))
+    args, kwargs = seen[block]
+    results = {}
+    for mode in ("addmm", "pointwise"):
+        monkeypatch.setattr(lora_core, "COMPILED_ADD", mode)
+        torch._dynamo.reset()
+        out, codes = run_and_get_code(torch.compile(block), *args, **kwargs)
+        results[mode] = out, sum(code.count("extern_kernels.addmm(") for code in codes)
+    (out_addmm, n_addmm), (out_pointwise, n_pointwise) = results["addmm"], results["pointwise"]
+    torch.testing.assert_close(out_pointwise, out_addmm, rtol=1e-5, atol=1e-5)
+    assert n_pointwise < n_addmm, (n_pointwise, n_addmm)   # the LoRA's C-input addmms are gone
