@@ -51,8 +51,8 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--selective_checkpointing", action="store_true",
                    help="with --gradient_checkpointing, also keep each block's attention and MLP down-projection "
                         "outputs, so the recomputation before its backward skips those kernels (FLUX.1-dev at "
-                        "1024x1024: about 3 GiB more). With --torch_compile and/or --cuda_graph: it watches every "
-                        "op of a block from Python, which makes a plain eager step slower")
+                        "1024x1024: about 3 GiB more). Use it with --torch_compile and/or --cuda_graph: it watches "
+                        "every op of a block from Python, which makes a plain eager step slower")
     g.add_argument("--highvram", action="store_true",
                    help="keep the autoencoder and text encoders on the GPU after caching (faster sampling, "
                         "more VRAM); without it, text encoders whose outputs are cached are released")
