@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: everything that needs CUDA, logs to $OUT. Usage on the GPU machine:
-#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|graphs|graphs_launch|open_a|open_b|open_c|open_d|open_e|open_f|all]
+#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|graphs|graphs_launch|open_a|open_b|open_c|open_d|open_e|open_f|open_g|all]
 #     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 #     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
@@ -26,7 +26,9 @@
 #     open_e:   --selective_checkpointing (GPU test; FLUX compiled + recorded, recorded, eager), fp8 recorded with
 #               the upcast kernel, fp8 compiled + recorded + kept attention, N = 16 under a 16 GiB cap
 #     open_f:   --selective_checkpointing (attention + MLP down-projections): GPU test, FLUX compiled + recorded,
-#               recorded; the compiled LoRA add as a fused pointwise sum (networks/lora_core.py COMPILED_ADD)
+#               recorded, and with the checkpoint compiled with each block (--compile_checkpoint)
+#     open_g:   the compiled LoRA add as a fused pointwise sum (networks/lora_core.py COMPILED_ADD), alone and
+#               with selective checkpointing (compiled checkpoint or not)
 set -uo pipefail
 WHAT=${1:-all}
 
@@ -124,14 +126,21 @@ if [ "$WHAT" = open_e ]; then
   exit 0
 fi
 
-if [ "$WHAT" = open_f ]; then
-  echo "== GPU tests: selective checkpointing on CUDA"
-  timeout 40 python3 -m pytest -q -m gpu tests/test_block_checkpointing.py -p no:randomly 2>&1 | tail -3
-  echo "== FLUX.1-dev --selective_checkpointing compiled + recorded, recorded; the compiled LoRA add as pointwise"
-  for extra in "--cuda_graph --compile --selective_checkpointing" "--cuda_graph --selective_checkpointing" \
-               "--cuda_graph --compile --lora_compiled_add pointwise" \
-               "--cuda_graph --compile --selective_checkpointing --lora_compiled_add pointwise"; do
-    timeout 110 python3 benchmarks/bench_flux_train.py --device cuda --steps 12 $extra 2>>"$OUT/err.log" | tail -1 \
+if [ "$WHAT" = open_f ] || [ "$WHAT" = open_g ]; then
+  # open_f: --selective_checkpointing (GPU test first); open_g: the compiled LoRA add as a fused sum
+  if [ "$WHAT" = open_f ]; then
+    echo "== GPU tests: selective checkpointing on CUDA"
+    timeout 40 python3 -m pytest -q -m gpu tests/test_block_checkpointing.py -p no:randomly 2>&1 | tail -3
+    runs=("--cuda_graph --compile --selective_checkpointing" "--cuda_graph --selective_checkpointing"
+          "--cuda_graph --compile --selective_checkpointing --compile_checkpoint")
+  else
+    runs=("--cuda_graph --compile --lora_compiled_add pointwise"
+          "--cuda_graph --compile --selective_checkpointing --lora_compiled_add pointwise"
+          "--cuda_graph --compile --selective_checkpointing --compile_checkpoint --lora_compiled_add pointwise")
+  fi
+  echo "== FLUX.1-dev: ${runs[*]}"
+  for extra in "${runs[@]}"; do
+    timeout 150 python3 benchmarks/bench_flux_train.py --device cuda --steps 12 $extra 2>>"$OUT/err.log" | tail -1 \
       | tee -a "$OUT/open.jsonl"
   done
   exit 0

@@ -19,6 +19,7 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from library.fp8 import keeping_upcast_weights
@@ -73,6 +74,24 @@ def _selective_contexts():
     return _joined(keeping_upcast_weights(), first), _joined(keeping_upcast_weights(), recompute)
 
 
+# An experiment, off until measured on a GPU (the FLUX step benchmark's --compile_checkpoint): with
+# --torch_compile, compile a selective checkpoint together with its block, so that the compiler
+# applies the policy when it traces the graph - to the matmuls too, which compiled code never
+# shows a dispatch mode - and the recomputation becomes part of the compiled backward. Exact on
+# the CPU (Inductor; tests/test_block_checkpointing.py).
+COMPILE_CHECKPOINT_WITH_BLOCK = False
+
+
+def _selective_checkpoint(block: nn.Module, *args, **kwargs):
+    return checkpoint(block, *args, use_reentrant=False, context_fn=_selective_contexts_fn, **kwargs)
+
+
+@functools.cache
+def _compiled_selective_checkpoint(backend: str):
+    """One compiled function for every block: blocks of one kind share their graphs."""
+    return torch.compile(_selective_checkpoint, backend=backend)
+
+
 class BlockCheckpointing:
     """Mixin for nn.Module DiTs: `self.run_block(block, *args)` in their forward."""
 
@@ -99,6 +118,9 @@ class BlockCheckpointing:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             if self._offloaded_checkpoint is not None:
                 return self._offloaded_checkpoint(block, *args, **kwargs)
+            if self._selective and COMPILE_CHECKPOINT_WITH_BLOCK and isinstance(block, OptimizedModule):
+                backend = getattr(block, "compile_backend", "inductor")   # set by compile_blocks
+                return _compiled_selective_checkpoint(backend)(block._orig_mod, *args, **kwargs)
             contexts = _selective_contexts if self._selective else _contexts
             return checkpoint(block, *args, use_reentrant=False, context_fn=contexts, **kwargs)
         return block(*args, **kwargs)

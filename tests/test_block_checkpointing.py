@@ -99,6 +99,42 @@ def test_compiled_blocks_keep_their_attention_outputs():
     assert max_grad_diff(grads, grads_plain) < 1e-5
 
 
+@pytest.mark.slow
+def test_the_checkpoint_compiled_with_the_block_applies_the_policy_to_matmuls(monkeypatch):
+    # COMPILE_CHECKPOINT_WITH_BLOCK (an experiment, off until measured on a GPU): the policy sees
+    # the matmuls when the graph is traced; outputs and gradients as the plain checkpoint's.
+    import functools
+
+    import torch._dynamo
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    from library.training.trainer import compile_blocks
+
+    params, model, net = tiny_flux_with_lora(depth=2, single=2)
+    x = flux_inputs(params)
+    model.enable_gradient_checkpointing()
+    out_plain, grads_plain = train_step(model, net, x)
+    torch._dynamo.reset()
+    compile_blocks([model.double_blocks, model.single_blocks], "inductor")
+    model.enable_gradient_checkpointing(selective=True)
+    traced = []
+
+    def spy(ctx, op, *args, **kwargs):
+        traced.append(op)
+        return bc.selective_policy(ctx, op, *args, **kwargs)
+
+    monkeypatch.setattr(bc, "COMPILE_CHECKPOINT_WITH_BLOCK", True)
+    monkeypatch.setattr(bc, "_selective_contexts_fn", functools.partial(create_selective_checkpoint_contexts, spy))
+    bc._compiled_selective_checkpoint.cache_clear()
+    try:
+        out, grads = train_step(model, net, x)
+    finally:
+        bc._compiled_selective_checkpoint.cache_clear()
+    assert bc._ADDMM in traced or bc._MM in traced
+    torch.testing.assert_close(out, out_plain, rtol=0, atol=1e-5)
+    assert max_grad_diff(grads, grads_plain) < 1e-5
+
+
 def test_offloaded_checkpoints_cannot_be_selective():
     _, model, _ = tiny_flux_with_lora(depth=1, single=1)
     with pytest.raises(ValueError, match="selective checkpointing needs the GPU-side checkpoint"):

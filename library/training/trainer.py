@@ -887,6 +887,7 @@ def compile_blocks(block_lists: list[torch.nn.ModuleList], backend: str) -> None
     for blocks in block_lists:
         for i, block in enumerate(blocks):
             blocks[i] = torch.compile(block, backend=backend)
+            blocks[i].compile_backend = backend   # for library/block_checkpointing.py's compiled checkpoint
 
 
 def set_seed(seed: int) -> None:
