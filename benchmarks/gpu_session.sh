@@ -57,6 +57,14 @@ launch_family() {
     --log "$OUT/launch_$1.txt" 2>&1 | tail -1 | tee -a "$OUT/launch_families.jsonl"
   rm -rf /tmp/$1_full
 }
+# FLUX step benchmark runs, one JSON line each to $OUT/open.jsonl: flux_runs TIMEOUT_S STEPS "OPTIONS" ...
+flux_runs() {
+  local limit=$1 steps=$2 extra; shift 2
+  for extra in "$@"; do
+    timeout $limit python3 benchmarks/bench_flux_train.py --device cuda --steps $steps $extra 2>>"$OUT/err.log" \
+      | tail -1 | tee -a "$OUT/open.jsonl"
+  done
+}
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -67,10 +75,7 @@ if [ "$WHAT" = open_a ]; then
   timeout 150 python3 -m pytest -q -m gpu tests/test_fp8_gpu.py tests/test_step_graphs.py -p no:randomly 2>&1 \
     | tail -5 | tee "$OUT/gpu_tests.log"
   echo "== FLUX.1-dev: bf16 and fp8, eager and recorded"
-  for extra in "--fp8_base" "--fp8_base --cuda_graph" "--cuda_graph" "--cuda_graph --compile"; do
-    timeout 90 python3 benchmarks/bench_flux_train.py --device cuda --steps 15 $extra 2>>"$OUT/err.log" | tail -1 \
-      | tee -a "$OUT/open.jsonl"
-  done
+  flux_runs 90 15 "--fp8_base" "--fp8_base --cuda_graph" "--cuda_graph" "--cuda_graph --compile"
   exit 0
 fi
 
@@ -115,11 +120,8 @@ if [ "$WHAT" = open_e ]; then
   timeout 90 python3 -m pytest -q -m gpu tests/test_block_checkpointing.py tests/test_fp8_gpu.py -p no:randomly 2>&1 \
     | tail -4 | tee "$OUT/gpu_tests.log"
   echo "== FLUX.1-dev with --selective_checkpointing: compiled + recorded, recorded, eager; fp8 recorded (upcast kernel)"
-  for extra in "--cuda_graph --compile --selective_checkpointing" "--cuda_graph --selective_checkpointing" \
-               "--selective_checkpointing" "--fp8_base --cuda_graph" "--fp8_base --cuda_graph --compile --selective_checkpointing"; do
-    timeout 120 python3 benchmarks/bench_flux_train.py --device cuda --steps 15 $extra 2>>"$OUT/err.log" | tail -1 \
-      | tee -a "$OUT/open.jsonl"
-  done
+  flux_runs 120 15 "--cuda_graph --compile --selective_checkpointing" "--cuda_graph --selective_checkpointing" \
+    "--selective_checkpointing" "--fp8_base --cuda_graph" "--fp8_base --cuda_graph --compile --selective_checkpointing"
   echo "== 16 GiB cap: N = 16 (auto chose 19; 17 ran at 15.53 GiB)"
   timeout 60 python3 benchmarks/bench_flux_train.py --device cuda --steps 4 --memory_cap_gib 16 --blocks_to_swap 16 \
     2>>"$OUT/err.log" | tail -1 | tee -a "$OUT/auto_swap16.jsonl"
@@ -139,10 +141,7 @@ if [ "$WHAT" = open_f ] || [ "$WHAT" = open_g ]; then
           "--cuda_graph --compile --selective_checkpointing --compile_checkpoint --lora_compiled_add pointwise")
   fi
   echo "== FLUX.1-dev: ${runs[*]}"
-  for extra in "${runs[@]}"; do
-    timeout 150 python3 benchmarks/bench_flux_train.py --device cuda --steps 12 $extra 2>>"$OUT/err.log" | tail -1 \
-      | tee -a "$OUT/open.jsonl"
-  done
+  flux_runs 150 12 "${runs[@]}"
   exit 0
 fi
 
@@ -170,8 +169,8 @@ if [ "$WHAT" = graphs ]; then
     timeout 150 python3 benchmarks/bench_flux_train.py --device cuda --steps 15 $extra \
       --profile_tables "$OUT/prof_graph.txt" 2>>"$OUT/graphs_err.log" | tail -1 | tee -a "$OUT/graphs.jsonl"
   done
-  echo "== SD3.5 Large and Anima steps as CUDA graphs (Lumina's step cannot be recorded)"
-  for fam in sd3 anima; do
+  echo "== SD3.5 Large, Lumina 2 and Anima steps as CUDA graphs"
+  for fam in sd3 lumina anima; do
     timeout 100 python3 benchmarks/bench_${fam}_train.py --device cuda --steps 15 --cuda_graph \
       2>>"$OUT/graphs_err.log" | tail -1 | tee -a "$OUT/graphs.jsonl"
   done

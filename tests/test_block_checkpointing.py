@@ -75,11 +75,9 @@ def test_the_policy_keeps_attention_and_width_reducing_matmuls_only():
     assert must(torch.ops.aten.gelu.default, (5, 8)) == "PREFER_RECOMPUTE"
 
 
-@pytest.mark.slow
-def test_compiled_blocks_keep_their_attention_outputs():
-    # --torch_compile: a compiled block calls its attention kernel through PyTorch (the dispatch
-    # mode sees it: kept) and its matmuls directly (not seen: recomputed). Same outputs and
-    # gradients as the uncompiled plain checkpoint.
+def _plain_run_then_compiled_selective_blocks():
+    """A tiny FLUX with LoRA: one step with plain checkpointing (the reference), then its blocks
+    compiled (--torch_compile) and selective checkpointing on."""
     import torch._dynamo
 
     from library.training.trainer import compile_blocks
@@ -91,6 +89,15 @@ def test_compiled_blocks_keep_their_attention_outputs():
     torch._dynamo.reset()
     compile_blocks([model.double_blocks, model.single_blocks], "inductor")
     model.enable_gradient_checkpointing(selective=True)
+    return model, net, x, out_plain, grads_plain
+
+
+@pytest.mark.slow
+def test_compiled_blocks_keep_their_attention_outputs():
+    # --torch_compile: a compiled block calls its attention kernel through PyTorch (the dispatch
+    # mode sees it: kept) and its matmuls directly (not seen: recomputed). Same outputs and
+    # gradients as the uncompiled plain checkpoint.
+    model, net, x, out_plain, grads_plain = _plain_run_then_compiled_selective_blocks()
     train_step(model, net, x)   # compiles
     with CountKernels() as counter:
         out, grads = train_step(model, net, x)
@@ -105,18 +112,9 @@ def test_the_checkpoint_compiled_with_the_block_applies_the_policy_to_matmuls(mo
     # the matmuls when the graph is traced; outputs and gradients as the plain checkpoint's.
     import functools
 
-    import torch._dynamo
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-    from library.training.trainer import compile_blocks
-
-    params, model, net = tiny_flux_with_lora(depth=2, single=2)
-    x = flux_inputs(params)
-    model.enable_gradient_checkpointing()
-    out_plain, grads_plain = train_step(model, net, x)
-    torch._dynamo.reset()
-    compile_blocks([model.double_blocks, model.single_blocks], "inductor")
-    model.enable_gradient_checkpointing(selective=True)
+    model, net, x, out_plain, grads_plain = _plain_run_then_compiled_selective_blocks()
     traced = []
 
     def spy(ctx, op, *args, **kwargs):
