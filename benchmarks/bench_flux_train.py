@@ -29,12 +29,12 @@ from benchmarks.bench_common import (add_cuda_graph_argument, add_memory_argumen
                                      fp8_base, graphed, lora_optimizer, lora_training_step, place_with_swap,
                                      placement_fields, profile_steps, time_steps, timing_fields)
 from flux_train_network import FluxNetworkTrainer  # noqa: E402
-from library import attention, block_checkpointing  # noqa: E402
+from library import attention  # noqa: E402
 from library.flux.model import VARIANTS  # noqa: E402
 from library.training import memory  # noqa: E402
 from library.tiny.flux import build_flux_model, tiny_flux_params  # noqa: E402
 from library.training.trainer import FamilyModels, compile_blocks  # noqa: E402
-from networks import lora_core, lora_flux  # noqa: E402
+from networks import lora_flux  # noqa: E402
 
 
 def useful_flops(params, img_tokens: int, txt_tokens: int) -> float:
@@ -100,15 +100,8 @@ def main() -> None:
     ap.add_argument("--memory_cap_gib", type=float, default=None,
                     help="emulate a smaller card: cap this process's CUDA memory (set_per_process_memory_fraction) "
                          "before the DiT is placed")
-    ap.add_argument("--lora_compiled_add", choices=("addmm", "pointwise"), default="addmm",
-                    help="with --compile: how the LoRA's up-projection joins the base output (networks/lora_core.py)")
-    ap.add_argument("--compile_checkpoint", action="store_true",
-                    help="with --compile --selective_checkpointing: compile the checkpoint with each block "
-                         "(library/block_checkpointing.py COMPILE_CHECKPOINT_WITH_BLOCK)")
     add_cuda_graph_argument(ap)
     a = ap.parse_args()
-    lora_core.COMPILED_ADD = a.lora_compiled_add
-    block_checkpointing.COMPILE_CHECKPOINT_WITH_BLOCK = a.compile_checkpoint
 
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -186,7 +179,6 @@ def main() -> None:
         "train_text_encoders": a.train_text_encoders, "device": device_name(device),
         "size": a.size, "t5_len": a.t5_len, "rank": a.rank, "grad_ckpt": not a.no_grad_ckpt, "compile": a.compile,
         "cuda_graph": a.cuda_graph, "selective_ckpt": a.selective_checkpointing,
-        "compile_checkpoint": a.compile_checkpoint, "lora_compiled_add": a.lora_compiled_add,
         "attention": a.attention, "sdpa_kernels": a.sdpa_kernels, "memory_cap_gib": a.memory_cap_gib, "oom": False,
         "fp8_base": a.fp8_base, "cpu_offload_checkpointing": a.cpu_offload_checkpointing,
         "fp8": fp8_report, "fp8_matmul": a.fp8_matmul if a.fp8_base else None, **placement_fields(placement),

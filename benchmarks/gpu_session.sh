@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: everything that needs CUDA, logs to $OUT. Usage on the GPU machine:
-#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|graphs|graphs_launch|open_a|open_b|open_c|open_d|open_e|open_f|open_g|all]
+#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|graphs|graphs_launch|open_a|open_b|open_c|open_d|open_e|open_i|open_j|all]
 #     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 #     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
@@ -25,10 +25,12 @@
 #     open_d:   Lumina and SD 1.x recorded vs eager (GPU tests), Lumina 2 recorded, FLUX fp8 compiled + recorded, auto at 16 GiB
 #     open_e:   --selective_checkpointing (GPU test; FLUX compiled + recorded, recorded, eager), fp8 recorded with
 #               the upcast kernel, fp8 compiled + recorded + kept attention, N = 16 under a 16 GiB cap
-#     open_f:   --selective_checkpointing (attention + MLP down-projections): GPU test, FLUX compiled + recorded,
-#               recorded, and with the checkpoint compiled with each block (--compile_checkpoint)
-#     open_g:   the compiled LoRA add as a fused pointwise sum (networks/lora_core.py COMPILED_ADD), alone and
-#               with selective checkpointing (compiled checkpoint or not)
+#     open_f..open_h (2026-12-02, fifth session, now gone: their experiments became the defaults):
+#               the selective checkpoint compiled with each block; the compiled LoRA add as a fused sum
+#     open_i:   the selective-checkpointing GPU test (full report), FLUX compiled + recorded with and
+#               without --selective_checkpointing, fp8 with it (profiled), auto under a 24 GiB cap
+#     open_j:   fp8 GPU tests, FLUX fp8 compiled + recorded with and without --selective_checkpointing
+#               (the compiled fp8 layers' scales from their tensors: one graph per block kind)
 set -uo pipefail
 WHAT=${1:-all}
 
@@ -128,20 +130,24 @@ if [ "$WHAT" = open_e ]; then
   exit 0
 fi
 
-if [ "$WHAT" = open_f ] || [ "$WHAT" = open_g ]; then
-  # open_f: --selective_checkpointing (GPU test first); open_g: the compiled LoRA add as a fused sum
-  if [ "$WHAT" = open_f ]; then
-    echo "== GPU tests: selective checkpointing on CUDA"
-    timeout 40 python3 -m pytest -q -m gpu tests/test_block_checkpointing.py -p no:randomly 2>&1 | tail -3
-    runs=("--cuda_graph --compile --selective_checkpointing" "--cuda_graph --selective_checkpointing"
-          "--cuda_graph --compile --selective_checkpointing --compile_checkpoint")
-  else
-    runs=("--cuda_graph --compile --lora_compiled_add pointwise"
-          "--cuda_graph --compile --selective_checkpointing --lora_compiled_add pointwise"
-          "--cuda_graph --compile --selective_checkpointing --compile_checkpoint --lora_compiled_add pointwise")
-  fi
-  echo "== FLUX.1-dev: ${runs[*]}"
-  flux_runs 150 12 "${runs[@]}"
+if [ "$WHAT" = open_i ]; then
+  echo "== GPU tests: selective checkpointing on CUDA (full report in gpu_tests.log)"
+  timeout 60 python3 -m pytest -q -m gpu tests/test_block_checkpointing.py -p no:randomly --tb=long \
+    > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
+  flux_runs 120 12 "--cuda_graph --compile --selective_checkpointing" "--cuda_graph --compile"
+  timeout 130 python3 benchmarks/bench_flux_train.py --device cuda --steps 12 --fp8_base --cuda_graph --compile \
+    --selective_checkpointing --profile --profile_tables "$OUT/prof_fp8_selective.txt" 2>>"$OUT/err.log" \
+    | tail -1 | tee -a "$OUT/open.jsonl"
+  echo "== --blocks_to_swap auto under a 24 GiB cap"
+  timeout 170 python3 benchmarks/bench_auto_swap.py --caps 24 --max_probes 2 --out "$OUT/auto_swap24.jsonl" 2>&1 | tail -2
+  exit 0
+fi
+
+if [ "$WHAT" = open_j ]; then
+  echo "== GPU tests: fp8, selective checkpointing"
+  timeout 120 python3 -m pytest -q -m gpu tests/test_fp8_gpu.py tests/test_block_checkpointing.py -p no:randomly \
+    --tb=short > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
+  flux_runs 150 12 "--fp8_base --cuda_graph --compile --selective_checkpointing" "--fp8_base --cuda_graph --compile"
   exit 0
 fi
 

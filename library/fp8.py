@@ -21,7 +21,8 @@ scale is a non-persistent buffer (`weight_scale`), so state_dict keys stay the c
 Compute: the layer's forward is replaced on the instance (class and module names unchanged,
 so LoRA still finds and patches it; apply fp8 BEFORE the LoRA). The default path upcasts the
 weight to the compute dtype per call (works on any device, CPU included) and applies the scale
-as the GEMM's alpha; a custom autograd function saves the fp8 weight, not the upcast copy, so
+as the GEMM's alpha (in compiled code it multiplies the upcast weight instead, from its tensor: a
+float would be a constant of each block's graph); a custom autograd function saves the fp8 weight, not the upcast copy, so
 autograd never holds bf16 weights - except in a checkpointed block's recomputation, which runs
 right before its backward: there the upcast copy is kept for that backward (one block's weights
 in bf16 for a moment), saving one upcast in three. On CUDA GPUs with fp8 tensor cores (compute capability
@@ -164,7 +165,11 @@ def _fp8_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
     x = x.to(dtype)
     bias = None if self.bias is None else self.bias.to(dtype)
     use_scaled = _wants_scaled_mm(self._fp8_matmul, x, self.weight)
-    return _Fp8Linear.apply(x, self.weight, bias, self.weight_scale, self._fp8_scale, use_scaled)
+    # A Python float is a constant to the compiler (--torch_compile): each block's own scales would
+    # give it a graph of its own (and past 8, the compiled selective checkpoint runs eager). Compiled,
+    # the scale comes from its tensor instead (None below).
+    scale = None if torch.compiler.is_compiling() else self._fp8_scale
+    return _Fp8Linear.apply(x, self.weight, bias, self.weight_scale, scale, use_scaled)
 
 
 _recompute = threading.local()
@@ -194,24 +199,34 @@ class _Fp8Linear(torch.autograd.Function):
         if use_scaled:
             y = _scaled_mm_linear(x, weight, scale_t, bias)
         else:
-            upcast = _upcast(weight, x.dtype)
-            y = _matmul(x, upcast.t(), scale, bias)
+            upcast, alpha = _scaled_upcast(weight, x.dtype, scale, scale_t)
+            y = _matmul(x, upcast.t(), alpha, bias)
             if getattr(_recompute, "keep_upcast", False) and not torch.compiler.is_compiling():
                 weight = upcast   # the backward's .to() below is then a no-op
-        ctx.save_for_backward(weight)
+        ctx.save_for_backward(weight, scale_t)
         ctx.scale = scale
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        (weight,) = ctx.saved_tensors
+        weight, scale_t = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _matmul(grad_y, _upcast(weight, grad_y.dtype), ctx.scale, None)
+            upcast, alpha = _scaled_upcast(weight, grad_y.dtype, ctx.scale, scale_t)
+            grad_x = _matmul(grad_y, upcast, alpha, None)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
         return grad_x, None, grad_bias, None, None, None
+
+
+def _scaled_upcast(weight: Tensor, dtype: torch.dtype, scale: float | None, scale_t: Tensor) -> tuple[Tensor, float]:
+    """(weight in `dtype`, the GEMM's alpha). With a float scale the GEMM applies it; with None
+    (compiled code) it multiplies the upcast weight, in the same kernel once compiled, and the
+    result is the same: scales are powers of two, so the product is exact."""
+    if scale is not None:
+        return _upcast(weight, dtype), scale
+    return weight.to(dtype) * scale_t.to(dtype), 1.0
 
 
 UPCAST_BLOCK = 8192   # elements per program of the recorded upcast

@@ -234,3 +234,38 @@ def test_module_forward_is_per_instance_so_lora_finds_plain_linears():
     x = torch.randn(2, 16, dtype=torch.bfloat16)
     expected = F.linear(x, dequantized_weight(layer, torch.bfloat16), layer.bias.to(torch.bfloat16))
     torch.testing.assert_close(layer(x), expected, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("selective", [False, True])
+def test_compiled_fp8_blocks_share_their_graphs_whatever_their_scales(selective):
+    # --torch_compile: a layer's float scale would be a constant of its block's graph, so blocks
+    # whose layers have other scales would each compile again (and the compiled selective
+    # checkpoint would run eager past 8 graphs). Compiled, the scale is read from its tensor: one
+    # graph per block kind, and the eager outputs and gradients (power-of-two scales: exact).
+    import random
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from library.training.trainer import compile_blocks
+
+    params, model, net = tiny_flux_with_lora(depth=3, single=4, fp8=True)
+    rng = random.Random(0)
+    for module in model.modules():   # the tiny weights' scales barely differ: make them
+        if is_fp8_linear(module):
+            module._fp8_scale = 2.0 ** rng.randint(-12, -6)
+            module.weight_scale.fill_(module._fp8_scale)
+    x = flux_inputs(params)
+    model.enable_gradient_checkpointing(selective=selective)
+    out_eager, grads_eager = train_step(model, net, x)
+    torch._dynamo.reset()
+    compile_blocks([model.double_blocks, model.single_blocks], "aot_eager")
+    counters.clear()
+    try:
+        out, grads = train_step(model, net, x)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs <= 3, graphs   # double, single (and the selective checkpoint's wrapper)
+    assert torch.equal(out, out_eager) and max_grad_diff(grads, grads_eager) == 0.0
