@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: everything that needs CUDA, logs to $OUT. Usage on the GPU machine:
-#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|graphs|graphs_launch|open_a|open_b|open_c|open_d|open_e|open_i|open_j|all]
+#   bash benchmarks/gpu_session.sh [base|features|memory|families|diagnose|steps|attention|probe|launch|launch_families|fp8|final|graphs|graphs_launch|open_a|open_b|open_c|open_d|open_e|open_i|open_j|open_k|all]
 #     base:     full-size FLUX.1-dev LoRA step (+compile), CUDA e2e through the CLI, GPU tests
 #     features: Chroma and text-encoder LoRA steps at full size, Chroma + TE-LoRA e2e on tiny models
 #     memory:   GPU tests, full-size FLUX step with swap / fp8 / offloaded checkpoints, CUDA e2e with them
@@ -31,6 +31,7 @@
 #               without --selective_checkpointing, fp8 with it (profiled), auto under a 24 GiB cap
 #     open_j:   fp8 GPU tests, FLUX fp8 compiled + recorded with and without --selective_checkpointing
 #               (the compiled fp8 layers' scales from their tensors: one graph per block kind)
+#     open_k:   Lumina 2, Anima, SD3.5 Large compiled + recorded with --selective_checkpointing
 set -uo pipefail
 WHAT=${1:-all}
 
@@ -148,6 +149,14 @@ if [ "$WHAT" = open_j ]; then
   timeout 120 python3 -m pytest -q -m gpu tests/test_fp8_gpu.py tests/test_block_checkpointing.py -p no:randomly \
     --tb=short > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
   flux_runs 150 12 "--fp8_base --cuda_graph --compile --selective_checkpointing" "--fp8_base --cuda_graph --compile"
+  exit 0
+fi
+
+if [ "$WHAT" = open_k ]; then
+  for fam in lumina anima sd3; do
+    timeout 80 python3 benchmarks/bench_${fam}_train.py --device cuda --steps 12 --cuda_graph --compile \
+      --selective_checkpointing 2>>"$OUT/err.log" | tail -1 | tee -a "$OUT/open.jsonl"
+  done
   exit 0
 fi
 

@@ -21,15 +21,15 @@ scale is a non-persistent buffer (`weight_scale`), so state_dict keys stay the c
 Compute: the layer's forward is replaced on the instance (class and module names unchanged,
 so LoRA still finds and patches it; apply fp8 BEFORE the LoRA). The default path upcasts the
 weight to the compute dtype per call (works on any device, CPU included) and applies the scale
-as the GEMM's alpha (in compiled code it multiplies the upcast weight instead, from its tensor: a
-float would be a constant of each block's graph); a custom autograd function saves the fp8 weight, not the upcast copy, so
-autograd never holds bf16 weights - except in a checkpointed block's recomputation, which runs
-right before its backward: there the upcast copy is kept for that backward (one block's weights
-in bf16 for a moment), saving one upcast in three. On CUDA GPUs with fp8 tensor cores (compute capability
->= 8.9: Ada, Hopper, Blackwell) and bf16 compute, large matmuls (>= `SCALED_MM_MIN_TOKENS`
-rows, all dims multiples of 16) run as `torch._scaled_mm` on fp8 inputs, the activation
-quantised per row (per token) on the fly by a compiled kernel. Gradients (backward) always use
-the upcast weight in the compute dtype.
+as the GEMM's alpha (in compiled code it multiplies the upcast weight instead, from its tensor:
+a float would be a constant of each block's graph); a custom autograd function saves the fp8
+weight, not the upcast copy, so autograd never holds bf16 weights - except in a checkpointed
+block's recomputation, which runs right before its backward: there the upcast copy is kept for
+that backward (one block's weights in bf16 for a moment), saving one upcast in three. On CUDA
+GPUs with fp8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell) and bf16 compute,
+large matmuls (>= `SCALED_MM_MIN_TOKENS` rows, all dims multiples of 16) run as
+`torch._scaled_mm` on fp8 inputs, the activation quantised per row (per token) on the fly by a
+compiled kernel. Gradients (backward) always use the upcast weight in the compute dtype.
 """
 
 from __future__ import annotations

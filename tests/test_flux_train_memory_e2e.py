@@ -41,7 +41,8 @@ def baseline(setup, deep_dit, tmp_path_factory):  # noqa: F811
     (("--cpu_offload_checkpointing",), None),
     (("--selective_checkpointing", "--blocks_to_swap", "2"), "makes each step slower"),   # the same numbers
     # compiled blocks with the checkpoint compiled along (aot_eager: the same graphs, no slow codegen)
-    (("--selective_checkpointing", "--torch_compile", "--dynamo_backend", "aot_eager"), "blocks compile (aot_eager)"),
+    (("--selective_checkpointing", "--torch_compile", "--dynamo_backend", "aot_eager"),
+     "blocks compile (aot_eager)"),
 ])
 def test_swap_and_offloaded_checkpoints_give_the_same_losses(setup, deep_dit, baseline, tmp_path, extra, note):  # noqa: F811
     if extra == ("--split_mode",):
