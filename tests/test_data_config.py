@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from library.data import build_datasets
+from library.data import build_datasets, group_metadata
 from library.data.build import cli_values_from_args, parse_resolution
 from library.data.config import load_config_file, resolve_config
 from library.data.config_schema import KEYS
@@ -179,7 +179,7 @@ def test_flux_validation_example_verbatim(tmp_path, monkeypatch):
     # validation_seed makes the split reproducible
     train2, val2 = build_datasets(parse_args("--dataset_config", "d.toml"))
     assert {it.path for it in val2.datasets[0].items} == val_paths
-    assert train.metadata()["ss_num_validation_images"] == "5"
+    assert group_metadata(train)["ss_num_validation_images"] == "5"
 
 
 def test_flux_interpolation_type_example_verbatim_plus_subset(tmp_path, monkeypatch):
@@ -409,7 +409,7 @@ def test_dreambooth_folder_layout(tmp_path):
         ["cat", "own caption", "sks dog"]
     assert train.num_train_images == 22 and train.num_reg_images == 30
     assert any("junk" in n and "is not used" in n for n in train.notes)
-    meta = train.metadata()
+    meta = group_metadata(train)
     assert json.loads(meta["ss_dataset_dirs"]) == {"10_sks dog": {"n_repeats": 10, "img_count": 2},
                                                    "2_cat": {"n_repeats": 2, "img_count": 1}}
     assert json.loads(meta["ss_reg_dataset_dirs"]) == {"1_dog": {"n_repeats": 1, "img_count": 30}}

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from library.data import build_datasets
+from library.data import build_datasets, group_metadata, group_report
 from library.data.dataset import balance_reg_repeats, split_for_validation
 from library.data.items import ImageItem
 from library.data.report import main as report_main
@@ -67,7 +67,7 @@ class_tokens = "dog"
     assert len(ds.bucket_slots[(64, 64)]) == 18
     assert train.num_batches_per_epoch == math.ceil(18 / 4)
     assert any("1 regularisation images are unused" in n for n in train.notes)
-    report = train.report()
+    report = group_report(train)
     assert "subset 0 [train]" in report and "3 images x 3 repeats = 9" in report
     assert "subset 1 [reg]" in report and "10 images x 1 repeats = 10" in report
     assert "64x64: 18 samples, 5 batches" in report
@@ -82,7 +82,7 @@ def test_skipped_images_are_counted_and_listed(tmp_path):
     train, _ = build(tmp_path, f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{imgs}"\n')
     assert train.num_train_images == 2
     assert [os.path.basename(s.path) for s in train.skipped] == ["broken.jpg"]
-    report = train.report()
+    report = group_report(train)
     assert "Images skipped: 1 (1 x not a readable image)" in report and "broken.jpg" in report
     assert "2 images x 1 repeats = 2; 2 without caption, 1 skipped" in report
 
@@ -103,7 +103,7 @@ def test_missing_and_empty_captions_in_report(tmp_path):
                                'caption_extension = ".txt"\nclass_tokens = "sks"\n')
     info = train.datasets[0].subsets[0]
     assert (info.missing_captions, info.empty_captions) == (1, 1)
-    assert "1 without caption (class_tokens 'sks' used), 1 empty captions" in train.report()
+    assert "1 without caption (class_tokens 'sks' used), 1 empty captions" in group_report(train)
 
 
 def test_metadata_for_config_runs(tmp_path):
@@ -131,7 +131,7 @@ bucket_reso_steps = 32
 [[datasets.subsets]]
 image_dir = "{tmp_path / 'a'}"
 """)
-    meta = train.metadata()
+    meta = group_metadata(train)
     assert all(isinstance(v, str) for v in meta.values())
     assert meta["ss_num_train_images"] == "6" and meta["ss_num_reg_images"] == "1"
     datasets = json.loads(meta["ss_datasets"])
@@ -176,7 +176,7 @@ metadata_file = "{tmp_path / 'meta.jsonl'}"
     assert not ds.spec.is_dreambooth
     assert [it.caption for it in ds.items] == ["a photo,tag1, tag2", "only tags", "line"]
     assert [s.path for s in train.skipped] == ["missing"]
-    assert json.loads(train.metadata()["ss_datasets"])[0]["subsets"][0]["metadata_file"] == "meta.json"
+    assert json.loads(group_metadata(train)["ss_datasets"])[0]["subsets"][0]["metadata_file"] == "meta.json"
 
 
 def test_cache_info_writes_and_reuses_metadata_cache(tmp_path, monkeypatch):
@@ -212,7 +212,7 @@ is_reg = true
     assert train.num_train_images == 8 * 5 and train.num_reg_images == 4
     assert val.num_train_images == 2 and val.num_reg_images == 0
     assert val.datasets[0].repeats == [1, 1]
-    assert "Validation totals: 2 images, 2 batches" in train.report()
+    assert "Validation totals: 2 images, 2 batches" in group_report(train)
 
 
 def test_report_command_line(tmp_path, capsys):

@@ -11,12 +11,15 @@ from library.data.build import build_datasets
 from library.data.caching import LatentCacheEncoder, TextCacheEncoder
 from library.data.group import DatasetGroup
 from library.data.loader import EpochLoader
-from library.data.summary import print_requested_reports
+from library.data.metadata import group_metadata
+from library.data.summary import group_report, print_requested_reports
 
 __all__ = [
     "add_dataset_arguments",
     "build_datasets",
     "data_loader_workers",
+    "group_metadata",
+    "group_report",
     "print_requested_reports",
     "Batch",
     "DatasetGroup",

@@ -15,8 +15,6 @@ from library.data.captions import CaptionOptions, resolve_token_warmup_step
 from library.data.dataset import ImageDataset
 from library.data.items import SkippedImage
 from library.data.loader import EpochLoader
-from library.data.metadata import group_metadata
-from library.data.summary import group_report
 
 logger = logging.getLogger(__name__)
 
@@ -160,13 +158,3 @@ class DatasetGroup:
                            persistent_workers=persistent_workers and num_workers > 0, pin_memory=pin_memory,
                            num_processes=num_processes, process_index=process_index,
                            gradient_accumulation_steps=gradient_accumulation_steps)
-
-    # ------------------------------------------------------------------------------ reporting
-
-    def report(self) -> str:
-        """Images per bucket, repeats, missing/empty captions, skipped images, batches per epoch."""
-        return group_report(self)
-
-    def metadata(self) -> dict[str, str]:
-        """The dataset `ss_*` keys for the LoRA file (all values strings, as sd-scripts writes them)."""
-        return group_metadata(self)

@@ -12,7 +12,7 @@ import sys
 
 from library.data.arguments import add_dataset_arguments
 from library.data.build import build_datasets
-from library.data.summary import debug_dataset_text
+from library.data.summary import debug_dataset_text, group_report
 from library.errors import UserError
 
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(train.report())
+    print(group_report(train))
     if args.debug_dataset:
         print(debug_dataset_text(train, seed=args.seed or 0))
     return 0

@@ -1,4 +1,4 @@
-"""Human-readable dataset report (`DatasetGroup.report()`), `--dataset_report` and `--debug_dataset`.
+"""Human-readable dataset report (`group_report`), `--dataset_report` and `--debug_dataset`.
 
 The stand-alone command is library/data/report.py.
 """
@@ -85,7 +85,7 @@ def group_report(group: DatasetGroup) -> str:
         lines.append(f"Totals: {group.num_train_images} training images (x repeats), {group.num_reg_images} "
                      f"regularisation images, {group.num_batches_per_epoch} batches per epoch")
     if group.validation is not None:
-        lines.append(group.validation.report())
+        lines.append(group_report(group.validation))
     return "\n".join(lines)
 
 
@@ -110,7 +110,7 @@ def print_requested_reports(args: argparse.Namespace, train: DatasetGroup) -> bo
     """Handle --dataset_report / --debug_dataset. Returns True when the caller should exit now."""
     done = False
     if getattr(args, "dataset_report", False):
-        print(train.report())
+        print(group_report(train))
         done = True
     if getattr(args, "debug_dataset", False):
         seed = getattr(args, "seed", None)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.data import add_dataset_arguments, build_datasets, data_loader_workers
+from library.data import add_dataset_arguments, build_datasets, data_loader_workers, group_metadata, group_report
 from library.errors import ConfigError, UserError
 from library.training import args as common_args
 from library.training import checkpoints as ckpt
@@ -260,9 +260,9 @@ class NetworkTrainer:
             raise ConfigError("a subset has conditioning_data_dir (mask images), which only the masked loss uses: "
                               "add --masked_loss, or remove conditioning_data_dir")
         if accelerator.is_main_process:   # one report, not one per GPU
-            print(train_group.report())
+            print(group_report(train_group))
             if val_group is not None:
-                print("validation set:\n" + val_group.report())
+                print("validation set:\n" + group_report(val_group))
         if args.dataset_report:
             return None
 
@@ -396,7 +396,7 @@ class NetworkTrainer:
             num_reg_images=group.num_reg_images,
             num_validation_images=val_group.num_train_images if val_group is not None else 0,
             num_batches_per_epoch=len(loader), num_epochs=num_epochs, optimizer_description=opt.description,
-            base_model_version=base_version, dataset_metadata=group.metadata(),
+            base_model_version=base_version, dataset_metadata=group_metadata(group),
             network_module=args.network_module, network_dim=args.network_dim, network_alpha=args.network_alpha,
             network_args=parse_network_args(args.network_args) or None, model_file_hashes={},
             family_metadata=family_meta)
