@@ -102,6 +102,10 @@ def test_option_checks_and_implied_options():
                                               torch_compile=True)) == []
     (note,) = memory.check_memory_args(base_args(selective_checkpointing=True, gradient_checkpointing=True))
     assert "makes each step slower" in note
+    (tip,) = memory.check_memory_args(base_args(gradient_checkpointing=True, torch_compile=True))
+    assert tip.startswith("--selective_checkpointing would make these compiled")
+    assert memory.check_memory_args(base_args(gradient_checkpointing=True, torch_compile=True,
+                                              cpu_offload_checkpointing=True)) == []
     with pytest.raises(ConfigError, match="Add --gradient_checkpointing or remove it"):
         memory.check_memory_args(base_args(selective_checkpointing=True))
     with pytest.raises(ConfigError, match="offloaded checkpointing keeps only block inputs"):

@@ -92,6 +92,11 @@ def check_memory_args(args: argparse.Namespace) -> list[str]:
                          "not faster: it watches every op of a block from Python (FLUX.1-dev on an H200, attention "
                          "outputs kept: 1.05 instead of 0.76 s/step). Add --cuda_graph and/or --torch_compile, or "
                          "remove it")
+    elif (getattr(args, "torch_compile", False) and args.gradient_checkpointing
+          and not (args.cpu_offload_checkpointing or args.unsloth_offload_checkpointing)):
+        notes.append("--selective_checkpointing would make these compiled, checkpointed steps faster: blocks "
+                     "keep their attention and MLP down-projection outputs instead of recomputing them (FLUX.1-dev "
+                     "on an H200 with --cuda_graph: 0.45 instead of 0.51 s/step, about 3 GiB more reserved)")
     if (args.cpu_offload_checkpointing or args.unsloth_offload_checkpointing) and not args.gradient_checkpointing:
         args.gradient_checkpointing = True
         notes.append("offloaded checkpointing implies --gradient_checkpointing: enabled")
