@@ -113,7 +113,6 @@ def test_option_checks_and_implied_options():
                                            gradient_checkpointing=True))
 
 
-
 def test_models_load_straight_to_the_gpu_only_when_all_files_fit(tmp_path, monkeypatch):
     from types import SimpleNamespace
 

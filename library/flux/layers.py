@@ -120,7 +120,6 @@ class SelfAttention(nn.Module):
         return q, k, v
 
 
-
 @dataclass
 class ModulationOut:
     """One adaLN modulation: x -> (1 + scale) * norm(x) + shift; the branch output is * gate.
